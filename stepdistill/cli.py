@@ -1,0 +1,61 @@
+"""The ``stepdistill`` command: parse, build, call. Also runs as ``accelerate launch -m stepdistill ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args, method_default: str | None) -> int:
+    from .config import load_config
+    from .trainers import build_trainer
+
+    defaults = {"method": method_default} if method_default else None
+    run = load_config(args.config, args.overrides, defaults=defaults)
+    if method_default and run.method != method_default:
+        from .config import ConfigError
+
+        raise ConfigError(f"train-teacher trains method 'teacher', but the config says method: {run.method}; "
+                          "use `stepdistill train` for distillation configs")
+    trainer = build_trainer(run)
+    trainer.train(resume=None if args.no_resume else "latest")
+    trainer.accelerator.print(f"done: {run.output_dir} (final model in {run.output_dir}/final)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "distil a teacher with the method a config names"),
+                            ("train-teacher", "train a diffusion/flow teacher (method: teacher)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML recipe (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 output_dir=runs/x")
+        p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Mistakes in what the user gave us: printed as one line, exit status 2, no traceback."""
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .trainers.checkpoint import CheckpointError
+
+    return ConfigError, DataError, ModelLoadError, CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args, None)
+        if args.command == "train-teacher":
+            return _train(args, "teacher")
+    except user_errors() as exc:
+        print(f"stepdistill: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

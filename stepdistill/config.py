@@ -1,0 +1,287 @@
+"""Dataclass configs, loaded from YAML with dotted overrides, validated with errors that name the key.
+
+A run config has the sections ``model``, ``data``, ``train``, ``optim`` (one entry per phase of the method)
+and ``objective`` (the method's own dataclass, registered with the method), plus ``method`` and
+``output_dir``. Unknown keys, wrong types and bad values raise :class:`ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the teacher comes from, or (for ``train-teacher``) how to build one.
+
+    ``source``: a local Diffusers folder, a Hub id (read from the local cache; offline, a missing model is
+    an error saying how to get it), or ``digits-teacher`` (the shipped teacher). For teacher training,
+    ``source`` is empty and ``backbone``/``backbone_config``/``scheduler_config`` describe a new model.
+    """
+
+    source: str = "digits-teacher"
+    subfolder: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    backbone: str | None = None
+    backbone_config: dict = field(default_factory=dict)
+    scheduler: str = "DDPMScheduler"
+    scheduler_config: dict = field(default_factory=dict)
+    prediction_type: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """``digits`` (embedded), ``folder`` (``path`` to PNG/JPEG, optional class sub-folders), ``prompts``
+    (``path`` to a prompt file) or ``none`` (data-free methods)."""
+
+    dataset: Literal["digits", "folder", "prompts", "none"] = "digits"
+    path: str | None = None
+    resolution: int = 16
+    channels: int = 1
+    split: Literal["all", "train", "test"] = "all"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and a Diffusers LR schedule for one phase; ``every``: update on steps where step % every == 0."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    threads: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0
+    num_samples: int = 64
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
+    ema_update_after: int = 0
+    trackers: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    method: str = "teacher"
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: dict[str, OptimConfig] = field(default_factory=dict)
+    objective: Any = None
+
+
+# ---------------------------------------------------------------------------------------- typing
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the type hint ``tp`` (converting YAML strings like '1e-4' to float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if not args:
+            return dict(value)
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def build(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if isinstance(data, cls):
+        return data
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown key {where!r}; allowed keys{' in ' + prefix if prefix else ''}: "
+                              f"{', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. train.max_steps=100)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_raw(path: str | Path | None) -> dict:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model, data, train, ...)")
+    return raw
+
+
+def resolve(raw: dict) -> RunConfig:
+    """Turn a raw mapping into a RunConfig whose ``objective`` is the method's config dataclass."""
+    from .trainers import get_method
+
+    raw = dict(raw)
+    method_name = raw.get("method", "teacher")
+    method = get_method(method_name)
+    objective = raw.pop("objective", None)
+    optim = raw.pop("optim", None) or {}
+    config = build(RunConfig, raw)
+    config.objective = build(method.Config, objective, "objective")
+    phases = method.phase_names(config.objective)
+    if not isinstance(optim, dict):
+        raise ConfigError(f"optim: expected a mapping of phase names ({', '.join(phases)}) to optimizer settings")
+    for name in optim:
+        if name not in phases:
+            raise ConfigError(f"unknown key 'optim.{name}'; method {method_name!r} has the phases: {', '.join(phases)}")
+    config.optim = {}
+    for name in phases:
+        merged = {**method.optim_defaults(config.objective).get(name, {}), **(optim.get(name) or {})}
+        config.optim[name] = build(OptimConfig, merged, f"optim.{name}")
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
+    raw = apply_overrides({**(defaults or {}), **load_raw(path)}, list(overrides))
+    return resolve(raw)
+
+
+def to_dict(config) -> dict:
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def config_hash(config: RunConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:16]

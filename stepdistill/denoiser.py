@@ -1,0 +1,159 @@
+"""Denoiser: a backbone, its noise schedule and its prediction type, behind one call."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from . import backbones
+from .conditioning import Cond
+from .schedule import NoiseSchedule, canonical_prediction_type
+
+# Modules that LoRA adapts by default, per backbone family.
+DEFAULT_LORA_TARGETS = {
+    "UNet2DModel": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                             "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                             "upsamplers.0.conv", "time_emb_proj"],
+}
+_TRANSFORMER_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class Denoiser(torch.nn.Module):
+    """``denoiser(x_t, t, cond) -> x0`` over any supported Diffusers backbone.
+
+    ``output`` selects the parameterization returned (``sample``/x0, ``epsilon``, ``v_prediction``, ``flow``);
+    ``guidance_scale`` applies CFG in the standard form ``uncond + s * (cond - uncond)`` (s = 1: none).
+    Every path goes through ``forward`` so that a DDP/FSDP-wrapped Denoiser behaves the same.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                 null_cond: Cond | None = None, null_class: int | None = None):
+        super().__init__()
+        backbones.family(backbone)
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        if self.prediction_type == "flow" and schedule.kind != "flow":
+            raise ValueError("a flow-velocity backbone needs a flow-matching schedule")
+        self.null_cond = null_cond
+        self.null_class = null_class
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, *, output: str = "sample",
+                guidance_scale=None, return_features: bool = False):
+        cond = cond if cond is not None else Cond()
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        feats = []
+        hook = None
+        if return_features:
+            # joint-attention blocks (SD3, Flux) return (encoder_hidden_states, hidden_states): keep the image stream
+            hook = backbones.bottleneck(self.backbone).register_forward_hook(
+                lambda _m, _i, out: feats.append(out[-1] if isinstance(out, tuple) else out))
+        try:
+            raw = self._guided_raw(x_t, t, cond, guidance_scale)
+        finally:
+            if hook is not None:
+                hook.remove()
+        pred = self.schedule.convert(raw, x_t.float(), t, self.prediction_type, output)
+        if return_features:
+            return pred, feats[0]
+        return pred
+
+    def _guided_raw(self, x_t, t, cond: Cond, guidance_scale) -> torch.Tensor:
+        if guidance_scale is None or (not torch.is_tensor(guidance_scale) and guidance_scale == 1):
+            return backbones.call_backbone(self.backbone, x_t, t, cond).float()
+        if self.null_cond is None and cond.encoder_hidden_states is not None:
+            raise ValueError("CFG on a text-conditioned backbone needs the encoded empty prompt: build the "
+                             "Denoiser with null_cond=PromptEncoder.null()")
+        uncond = cond.null_like(self.null_cond, null_class=self.null_class)
+        both = backbones.call_backbone(self.backbone, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                       Cond.cat([cond, uncond])).float()
+        c, u = both.chunk(2)
+        s = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x_t.device)
+        s = s.reshape(-1, *([1] * (x_t.ndim - 1))) if s.ndim > 0 else s
+        return cfg(c, u, s)
+
+    def x0(self, x_t, t, cond=None, **kw):
+        return self(x_t, t, cond, output="sample", **kw)
+
+    def eps(self, x_t, t, cond=None, **kw):
+        return self(x_t, t, cond, output="epsilon", **kw)
+
+    def v(self, x_t, t, cond=None, **kw):
+        return self(x_t, t, cond, output="v_prediction", **kw)
+
+    def velocity(self, x_t, t, cond=None, **kw):
+        return self(x_t, t, cond, output="flow", **kw)
+
+    # ------------------------------------------------------------------ copies and adapters
+    @property
+    def family(self) -> str:
+        return backbones.family(self.backbone)
+
+    def clone(self, trainable: bool = True) -> "Denoiser":
+        """A deep copy (e.g. a student or fake score initialised from the teacher).
+
+        ``trainable``: every weight, or only the adapters of a LoRA denoiser. The copy is in eval mode:
+        distillation never wants a backbone's own training-time behaviour (DiT drops class labels in
+        train mode).
+        """
+        other = copy.deepcopy(self)
+        lora = other.lora_layers()
+        for name, p in other.named_parameters():
+            p.requires_grad_(trainable and (not lora or "lora_" in name))
+        return other.eval()
+
+    def freeze(self) -> "Denoiser":
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def with_lora(self, rank: int, alpha: float | None = None, target_modules=None,
+                  dropout: float = 0.0, adapter_name: str = "default") -> "Denoiser":
+        """Attach LoRA adapters in place (peft); the base weights are frozen, the adapters trainable."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model = backbones.unwrap(self.backbone)
+        targets = target_modules or DEFAULT_LORA_TARGETS.get(self.family, _TRANSFORMER_LORA_TARGETS)
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            init_lora_weights="gaussian", target_modules=targets)
+        model.requires_grad_(False)
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:  # UNet2DModel has no PeftAdapterMixin
+            inject_adapter_in_model(config, model, adapter_name=adapter_name)
+        if not self.lora_layers():
+            raise ValueError(f"LoRA matched no module of {self.family} with target_modules={targets}")
+        return self
+
+    def lora_layers(self) -> list[torch.nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.backbone.modules() if isinstance(m, BaseTunerLayer)]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run the frozen base (e.g. the teacher of a LoRA student) with every adapter switched off."""
+        layers = self.lora_layers()
+        trainable = {p: p.requires_grad for p in self.parameters()}
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for p, flag in trainable.items():  # peft flips requires_grad when toggling adapters
+                p.requires_grad_(flag)
+
+
+def cfg(cond_pred: torch.Tensor, uncond_pred: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance in the standard form: ``uncond + s * (cond - uncond)``; s = 1 is no guidance.
+
+    (LCM writes ``cond + w * (cond - uncond)``: w = s - 1.)
+    """
+    return uncond_pred + scale * (cond_pred - uncond_pred)

@@ -1,0 +1,175 @@
+"""Loading and saving teachers: local Diffusers folders, Hub ids (from the local cache), the shipped digits
+teacher, and new backbones built from a config for teacher training."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .denoiser import Denoiser
+from .schedule import NoiseSchedule
+
+ASSETS = Path(__file__).parent / "assets"
+NAMED_MODELS = {"digits-teacher": ASSETS / "digits-teacher"}
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+META_FILE = "stepdistill.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be found or does not fit; the message says how to get or fix it."""
+
+
+@dataclass
+class LoadedModel:
+    denoiser: Denoiser
+    scheduler: object  # the Diffusers scheduler instance the teacher was trained with
+    folder: Path | None = None
+    meta: dict = field(default_factory=dict)  # num_classes, resolution, channels, ...
+
+
+def _local_folder(source: str, revision: str | None) -> Path:
+    if source in NAMED_MODELS:
+        folder = NAMED_MODELS[source]
+        if not folder.is_dir():
+            raise ModelLoadError(f"the shipped model {source!r} is missing from {folder}; reinstall stepdistill")
+        return folder
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model source {source} is a file; give a Diffusers model or pipeline folder")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ModelLoadError(f"model folder {source} does not exist (and it is not a Hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (f"'{source}' is not in the local Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
+            f"On a machine with internet run `huggingface-cli download {source}` (and copy the cache here), "
+            "or pass a local folder as model.source.")
+    if offline:
+        raise ModelLoadError(hint)
+    try:
+        return Path(snapshot_download(source, revision=revision))
+    except Exception as exc:
+        raise ModelLoadError(f"{hint} (download failed: {type(exc).__name__})") from exc
+
+
+def _denoiser_folder(folder: Path, subfolder: str | None) -> Path:
+    if subfolder:
+        if not (folder / subfolder / "config.json").is_file():
+            raise ModelLoadError(f"{folder / subfolder} has no config.json (model.subfolder={subfolder!r})")
+        return folder / subfolder
+    for name in DENOISER_SUBFOLDERS:
+        if (folder / name / "config.json").is_file():
+            return folder / name
+    if (folder / "config.json").is_file():
+        return folder
+    raise ModelLoadError(f"{folder} holds no Diffusers denoiser: expected unet/config.json, "
+                         "transformer/config.json or config.json")
+
+
+def _diffusers_class(name: str, what: str):
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelLoadError(f"{what} class {name!r} is not in diffusers {diffusers.__version__}")
+    return cls
+
+
+def prediction_type_of(scheduler, override: str | None = None) -> str:
+    if override:
+        return override
+    if "FlowMatch" in type(scheduler).__name__:
+        return "flow"
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load a teacher from ``cfg.source`` (or build a new one when ``cfg.backbone`` is set)."""
+    if cfg.backbone:
+        return build_model(cfg)
+    if not cfg.source:
+        raise ModelLoadError("model.source is empty: give a Diffusers folder, a Hub id or 'digits-teacher', "
+                             "or set model.backbone to train a new model")
+    folder = _local_folder(cfg.source, cfg.revision)
+    model_dir = _denoiser_folder(folder, cfg.subfolder)
+    model_config = json.loads((model_dir / "config.json").read_text())
+    cls = _diffusers_class(model_config.get("_class_name", ""), "model")
+    try:
+        backbone = cls.from_pretrained(model_dir, torch_dtype=DTYPES[cfg.dtype], variant=cfg.variant)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the weights in {model_dir}: {exc}") from exc
+    sched_dir = folder / "scheduler" if (folder / "scheduler").is_dir() else model_dir.parent / "scheduler"
+    if cfg.scheduler_config:
+        scheduler = _diffusers_class(cfg.scheduler, "scheduler").from_config(cfg.scheduler_config)
+    elif (sched_dir / "scheduler_config.json").is_file():
+        sched_config = json.loads((sched_dir / "scheduler_config.json").read_text())
+        scheduler = _diffusers_class(sched_config["_class_name"], "scheduler").from_pretrained(sched_dir)
+    else:
+        raise ModelLoadError(f"no scheduler found next to {model_dir}: add scheduler/scheduler_config.json or "
+                             "set model.scheduler and model.scheduler_config")
+    meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+    return LoadedModel(_make_denoiser(backbone, scheduler, cfg, meta), scheduler, folder, meta)
+
+
+def build_model(cfg: ModelConfig, meta: dict | None = None) -> LoadedModel:
+    """A new, randomly initialised backbone and scheduler from their configs (teacher training)."""
+    cls = _diffusers_class(cfg.backbone, "model.backbone")
+    try:
+        backbone = cls.from_config(cfg.backbone_config)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"model.backbone_config does not fit {cfg.backbone}: {exc}") from exc
+    scheduler = _diffusers_class(cfg.scheduler, "model.scheduler").from_config(cfg.scheduler_config)
+    meta = dict(meta or {})
+    if cfg.dtype != "float32":
+        backbone = backbone.to(DTYPES[cfg.dtype])
+    return LoadedModel(_make_denoiser(backbone, scheduler, cfg, meta), scheduler, None, meta)
+
+
+def _make_denoiser(backbone, scheduler, cfg: ModelConfig, meta: dict) -> Denoiser:
+    schedule = NoiseSchedule.from_scheduler(scheduler)
+    num_classes = meta.get("num_classes")
+    return Denoiser(backbone, schedule, prediction_type_of(scheduler, cfg.prediction_type),
+                    null_class=num_classes if num_classes is not None else None)
+
+
+def save_model(denoiser: Denoiser, scheduler, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write ``unet/`` (or ``transformer/``), ``scheduler/`` and ``stepdistill.json`` (safetensors only)."""
+    from .backbones import unwrap
+
+    out_dir = Path(out_dir)
+    backbone = unwrap(denoiser.backbone)
+    sub = "unet" if "UNet" in type(backbone).__name__ else "transformer"
+    backbone.save_pretrained(out_dir / sub, safe_serialization=True)
+    scheduler.save_pretrained(out_dir / "scheduler")
+    (out_dir / META_FILE).write_text(json.dumps({"prediction_type": denoiser.prediction_type, **(meta or {})},
+                                                indent=1))
+    return out_dir
+
+
+def check_resolution(backbone, resolution: int) -> None:
+    """Raise a clear error when the backbone cannot take images of ``resolution``."""
+    from .backbones import unwrap
+
+    model = unwrap(backbone)
+    config = model.config
+    name = type(model).__name__
+    if name in ("UNet2DModel", "UNet2DConditionModel"):
+        factor = 2 ** (len(config.block_out_channels) - 1)
+    elif name == "FluxTransformer2DModel":
+        factor = 2
+    else:
+        factor = config.get("patch_size") or 1
+    if resolution % factor:
+        raise ModelLoadError(f"{name} downsamples by {factor}, so the (latent) resolution must be a multiple of "
+                             f"{factor}; {resolution} is not: change data.resolution")

@@ -1,0 +1,39 @@
+"""Pipelines for exported students (stock Diffusers where possible) and the export itself.
+
+Names are imported lazily, so that ``stepdistill --help`` and modules that only need a recipe do not pay for
+importing Diffusers' pipelines.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ClassConditionalPipeline": "class_conditional",
+    "StudentLCMScheduler": "schedulers",
+    "Recipe": "recipes",
+    "RECIPES": "recipes",
+    "ExportError": "recipes",
+    "get_recipe": "recipes",
+    "ExportSpec": "export",
+    "export_pipeline": "export",
+    "export_run": "export",
+    "pipeline_for": "export",
+    "export_timesteps": "export",
+    "export_scheduler": "export",
+    "student_timesteps": "sampling",
+    "sample_student": "sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,82 @@
+"""The Objective contract: what a method tells the one training loop.
+
+An objective owns its networks as attributes (``self.student``, ``self.fake_score``, ...), declares its
+phases — named groups of those attributes with their own optimizer and update ratio — and computes
+``loss(phase, batch, step) -> (loss, logs)``. It never touches devices, precision, DDP or checkpoints:
+the loop moves it to the device, wraps the phase's modules, and switches ``requires_grad`` so that a
+phase's backward reaches only that phase's parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Phase:
+    """``modules``: attribute names of the objective trained in this phase (each in at most one phase)."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+class Objective(torch.nn.Module):
+    """Base class of every method. Subclasses set ``name`` and ``Config`` and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    ema_module: ClassVar[str | None] = "student"  # the module the loop keeps an EMA of (None: no EMA)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    # --- declared by subclasses -----------------------------------------------------------------
+    @classmethod
+    def phase_names(cls, config) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def optim_defaults(cls, config) -> dict[str, dict]:
+        """Default optimizer settings per phase (the recipe's values); the user's ``optim`` overrides them."""
+        return {}
+
+    @classmethod
+    def from_config(cls, run) -> "Objective":
+        """Build the objective (load the teacher, make the student, ...) from a RunConfig."""
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar to minimise for ``phase`` and the named terms to log (and check for NaN)."""
+        raise NotImplementedError
+
+    def after_step(self, phase: str, step: int) -> None:
+        """Called after the optimizer step of ``phase`` (e.g. an EMA target network update)."""
+
+    @torch.no_grad()
+    def sample(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from the model being trained, for sample grids and evaluation."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory) -> None:
+        """Write the trained model as a Diffusers folder (called by the loop at the end of training)."""
+
+    def export_spec(self):
+        """What ``stepdistill export`` writes: a :class:`stepdistill.pipelines.ExportSpec` with the student
+        Denoiser, the recipe it samples with (scheduler, steps, guidance; see ``stepdistill.pipelines.recipes``),
+        the teacher's scheduler and folder, and metadata for the model card. A K-step student should train at
+        ``stepdistill.pipelines.export_timesteps(student, recipe, teacher_scheduler)`` (and say so in
+        ``ExportSpec.timesteps``), so that the exported pipeline runs exactly what was trained."""
+        raise NotImplementedError(f"method {self.name!r} does not implement export_spec()")
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")

@@ -1,0 +1,422 @@
+"""DistillTrainer: the only training loop. It never names an algorithm."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, config_hash, save_config, to_dict
+from ..data import ResumableBatches, save_grid
+from . import checkpoint as ckpt
+from .base import Objective
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or inf; no checkpoint of the broken weights was written."""
+
+
+class Callback:
+    def on_step_end(self, trainer: "DistillTrainer", step: int) -> None: ...
+
+    def on_train_end(self, trainer: "DistillTrainer") -> None: ...
+
+
+class SampleGrid(Callback):
+    """Every ``every`` steps, a PNG grid of the (EMA) model's samples under ``OUTPUT/samples``."""
+
+    def __init__(self, every: int, num_samples: int = 64):
+        self.every, self.num_samples = every, num_samples
+
+    def on_step_end(self, trainer, step):
+        if self.every and step % self.every == 0:
+            trainer.save_samples(trainer.output_dir / "samples" / f"step_{step:07d}.png", self.num_samples)
+
+
+class PeriodicEval(Callback):
+    """Every ``every`` steps, ``fn(trainer, step) -> dict`` of metrics, logged like the losses."""
+
+    def __init__(self, every: int, fn):
+        self.every, self.fn = every, fn
+
+    def on_step_end(self, trainer, step):
+        if self.every and step % self.every == 0:
+            trainer.log(step, {f"eval/{k}": v for k, v in self.fn(trainer, step).items()})
+
+
+class DistillTrainer:
+    """Accelerate for devices, DDP/FSDP and mixed precision; one optimizer and LR schedule per phase;
+    gradient accumulation and clipping; an EMA of the student; atomic, exactly resumable checkpoints."""
+
+    def __init__(self, objective: Objective, data, config: RunConfig, callbacks: list[Callback] = ()):
+        from accelerate import Accelerator
+
+        self.config, self.train_cfg = config, config.train
+        if self.train_cfg.threads:
+            torch.set_num_threads(self.train_cfg.threads)
+        self.output_dir = Path(config.output_dir)
+        _allow_new_precision(self.train_cfg.mixed_precision)
+        self.accelerator = Accelerator(cpu=_no_accelerator(), mixed_precision=self.train_cfg.mixed_precision,
+                                       log_with=self.train_cfg.trackers or None, project_dir=str(self.output_dir))
+        acc = self.accelerator
+        torch.manual_seed(self.train_cfg.seed + acc.process_index)
+        self.objective = objective.to(acc.device)
+        self.data = data
+        self.callbacks = list(callbacks)
+        if self.train_cfg.sample_every:
+            self.callbacks.append(SampleGrid(self.train_cfg.sample_every, self.train_cfg.num_samples))
+        self.phases = objective.phases()
+        self._setup_modules()
+        self.batches = None
+        if data is not None:
+            self.batches = ResumableBatches(data, self.train_cfg.batch_size, seed=self.train_cfg.seed,
+                                            rank=acc.process_index, world=acc.num_processes)
+        self._iter = None
+        self.step = 0
+        self._stop_signal = None
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_modules(self):
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        acc, obj = self.accelerator, self.objective
+        self.raw, self.wrapped, self.trainable = {}, {}, {}
+        self.optimizers, self.lr_schedulers = {}, {}
+        seen = set()
+        for phase in self.phases:
+            if phase.name not in self.config.optim:
+                raise ValueError(f"no optimizer settings for phase {phase.name!r}")
+            params = []
+            for name in phase.modules:
+                if name in seen:
+                    raise ValueError(f"module {name!r} is in more than one phase")
+                seen.add(name)
+                module = getattr(obj, name)
+                names = [n for n, p in module.named_parameters() if p.requires_grad]
+                if not names:
+                    raise ValueError(f"phase {phase.name!r}: module {name!r} has no trainable parameters")
+                self.raw[name], self.trainable[name] = module, names
+                params += [p for p in module.parameters() if p.requires_grad]
+            oc = self.config.optim[phase.name]
+            optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                                          eps=oc.eps)
+            self.lr_schedulers[phase.name] = get_scheduler(
+                oc.lr_schedule, optimizer, num_warmup_steps=oc.warmup_steps,
+                num_training_steps=max(1, self.train_cfg.max_steps // oc.every))
+            self.optimizers[phase.name] = acc.prepare(optimizer)
+        for name, module in self.raw.items():
+            self.wrapped[name] = acc.prepare(module)
+        # frozen modules are never wrapped nor given to an optimizer (a LoRA student's base may be shared
+        # with its teacher, so freeze by parameter, not by module)
+        trainable_ids = {id(p) for m in self.raw.values() for p in m.parameters() if p.requires_grad}
+        for p in obj.parameters():
+            if id(p) not in trainable_ids:
+                p.requires_grad_(False)
+        self.ema = None
+        ema_name = obj.ema_module
+        if self.train_cfg.ema_decay > 0 and ema_name in self.raw:
+            params = [p for p in self.raw[ema_name].parameters() if p.requires_grad]
+            self.ema = EMAModel(params, decay=self.train_cfg.ema_decay, use_ema_warmup=self.train_cfg.ema_warmup,
+                                update_after_step=self.train_cfg.ema_update_after)
+            self.ema.to(acc.device)
+
+    def _enter_phase(self, phase_name: str):
+        """Wrap and unfreeze only the modules of ``phase_name``; the others run raw and frozen."""
+        active = next(p for p in self.phases if p.name == phase_name).modules
+        for name, module in self.raw.items():
+            on = name in active
+            params = dict(module.named_parameters())
+            for n in self.trainable[name]:
+                params[n].requires_grad_(on)
+            setattr(self.objective, name, self.wrapped[name] if on else module)
+
+    def _restore_modules(self):
+        for name, module in self.raw.items():
+            params = dict(module.named_parameters())
+            for n in self.trainable[name]:
+                params[n].requires_grad_(True)
+            setattr(self.objective, name, module)
+
+    # ------------------------------------------------------------------ the loop
+    def _next_batch(self) -> dict:
+        batch = {"batch_size": self.train_cfg.batch_size}
+        if self.batches is not None:
+            if self._iter is None:
+                self._iter = iter(self.batches)
+            batch.update({k: v.to(self.accelerator.device) if torch.is_tensor(v) else v
+                          for k, v in next(self._iter).items()})
+        return batch
+
+    def _run_phase(self, phase, step: int) -> dict:
+        acc, oc = self.accelerator, self.config.optim[phase.name]
+        accum = self.train_cfg.grad_accum
+        self._enter_phase(phase.name)
+        logs = {}
+        for micro in range(accum):
+            last = micro == accum - 1
+            sync = nullcontext() if last else _no_sync([self.wrapped[n] for n in phase.modules], acc)
+            with sync, acc.autocast():
+                loss, terms = self.objective.loss(phase.name, self._next_batch(), step)
+            self._check_finite(step, phase.name, loss, terms)
+            acc.backward(loss / accum)
+            for k, v in terms.items():
+                logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + float(v) / accum
+        if oc.max_grad_norm:
+            params = [p for n in phase.modules for p in self.raw[n].parameters() if p.requires_grad]
+            logs[f"{phase.name}/grad_norm"] = float(acc.clip_grad_norm_(params, oc.max_grad_norm))
+        optimizer = self.optimizers[phase.name]
+        optimizer.step()
+        self.lr_schedulers[phase.name].step()
+        optimizer.zero_grad(set_to_none=True)
+        logs[f"lr/{phase.name}"] = self.lr_schedulers[phase.name].get_last_lr()[0]
+        self.objective.after_step(phase.name, step)
+        return logs
+
+    def _check_finite(self, step, phase, loss, terms):
+        if torch.isfinite(loss).all():
+            return
+        bad = [k for k, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()] or ["loss"]
+        raise NonFiniteLoss(f"non-finite loss at step {step}, phase {phase!r}, term(s) {', '.join(bad)}; "
+                            "no checkpoint of these weights was written (the last good one is kept). "
+                            "Lower the learning rate or check the inputs.")
+
+    def train(self, resume: str | None = "latest") -> Objective:
+        acc, cfg = self.accelerator, self.train_cfg
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
+        if resume:
+            self.load_checkpoint(resume)
+        if cfg.trackers:
+            acc.init_trackers("stepdistill", config=_flat(to_dict(self.config)))
+        old_handlers = self._install_signal_handlers()
+        bar = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective.name or "train",
+                       dynamic_ncols=True)
+        tick, images = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps:
+                step = self.step
+                logs = {}
+                for phase in self.phases:
+                    if step % self.config.optim[phase.name].every == 0:
+                        logs.update(self._run_phase(phase, step))
+                        images += cfg.batch_size * cfg.grad_accum * acc.num_processes
+                self._restore_modules()
+                if self.ema is not None and any(self.objective.ema_module in p.modules for p in self.phases
+                                                if step % self.config.optim[p.name].every == 0):
+                    self.ema.step([p for p in self.raw[self.objective.ema_module].parameters() if p.requires_grad])
+                self.step = step + 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - tick
+                    logs["images_per_s"] = images / max(elapsed, 1e-9)
+                    tick, images = time.perf_counter(), 0
+                    self.log(self.step, logs)
+                    if bar is not None:
+                        bar.set_postfix({k.split("/")[-1] if "/" in k and not k.startswith("lr") else k: f"{v:.4g}"
+                                         for k, v in logs.items() if not k.startswith("lr/")
+                                         and not k.endswith("grad_norm")}, refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step)
+                if self._stop_requested():
+                    self.save_checkpoint()
+                    acc.print(f"stopped by signal at step {self.step}; checkpoint saved. Run the same command "
+                              "again to resume.")
+                    return self.objective
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if not self._has_checkpoint(self.step):
+                self.save_checkpoint()
+            if acc.is_main_process:
+                with self.ema_weights():
+                    self.objective.save_pretrained(self.output_dir / "final")
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        finally:
+            self._restore_modules()
+            if bar is not None:
+                bar.close()
+            self._restore_signal_handlers(old_handlers)
+            if cfg.trackers:
+                acc.end_training()
+        return self.objective
+
+    # ------------------------------------------------------------------ logging and samples
+    def log(self, step: int, logs: dict) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in logs.items()}}) + "\n")
+        if self.train_cfg.trackers:
+            acc.log(logs, step=step)
+
+    @contextmanager
+    def ema_weights(self):
+        """Temporarily put the EMA weights into the student (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = [p for p in self.raw[self.objective.ema_module].parameters() if p.requires_grad]
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def save_samples(self, path: Path, n: int, seed: int = 0) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        with self.ema_weights(), torch.no_grad():
+            images = self.objective.sample({"batch_size": n}, generator=g)
+        return save_grid(images, path)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _has_checkpoint(self, step: int) -> bool:
+        return (self.checkpoint_root / f"step_{step:07d}").is_dir()
+
+    def save_checkpoint(self) -> Path:
+        """Write every trainable module, the EMA, optimizers, LR schedules, each process's RNG state and the
+        data position into a temporary folder, then rename it: a checkpoint is whole or absent."""
+        acc = self.accelerator
+        final = self.checkpoint_root / f"step_{self.step:07d}"
+        tmp = self.checkpoint_root / f".tmp-step_{self.step:07d}"
+        if acc.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        ckpt.save_tree(tmp / f"rng_rank{acc.process_index}", ckpt.rng_state())
+        if acc.is_main_process:
+            for name, module in self.raw.items():
+                ckpt.save_module(module, tmp / f"{name}.safetensors", self.trainable[name])
+            for name, opt in self.optimizers.items():
+                ckpt.save_tree(tmp / f"optimizer_{name}", opt.optimizer.state_dict())
+                ckpt.save_tree(tmp / f"lr_schedule_{name}", self.lr_schedulers[name].state_dict())
+            if self.ema is not None:
+                ckpt.save_tree(tmp / "ema", self.ema.state_dict())
+            meta = {"step": self.step, "world": acc.num_processes, "config_hash": config_hash(self.config),
+                    "data": self.batches.state_dict() if self.batches else None,
+                    "modules": {n: self.trainable[n] for n in self.raw}, "ema": self.ema is not None}
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.finish(tmp, final, self.train_cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, which: str = "latest") -> bool:
+        """Resume from ``latest`` or a checkpoint folder; returns False when there is nothing to resume."""
+        acc = self.accelerator
+        if which == "latest":
+            dirs = ckpt.step_dirs(self.checkpoint_root)
+            if not dirs:
+                return False
+            path = dirs[-1]
+        else:
+            path = Path(which)
+            if not path.is_dir():
+                raise ckpt.CheckpointError(f"checkpoint {path} does not exist")
+        try:
+            meta = json.loads((path / "trainer.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {path} has no readable trainer.json ({exc}); delete it "
+                                       "to resume from the previous checkpoint") from exc
+        if meta["world"] != acc.num_processes:
+            raise ckpt.CheckpointError(f"checkpoint {path} was written by {meta['world']} processes; resume it "
+                                       f"with the same number (this run has {acc.num_processes})")
+        if set(meta["modules"]) != set(self.raw):
+            raise ckpt.CheckpointError(f"checkpoint {path} holds modules {sorted(meta['modules'])} but this "
+                                       f"method trains {sorted(self.raw)}")
+        for name, module in self.raw.items():
+            ckpt.load_module(module, path / f"{name}.safetensors", self.trainable[name])
+        for name, opt in self.optimizers.items():
+            opt.optimizer.load_state_dict(ckpt.load_tree(path / f"optimizer_{name}"))
+            self.lr_schedulers[name].load_state_dict(ckpt.load_tree(path / f"lr_schedule_{name}"))
+        if self.ema is not None:
+            if not meta["ema"]:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA but train.ema_decay > 0")
+            self.ema.load_state_dict(ckpt.load_tree(path / "ema"))
+            self.ema.to(acc.device)
+        ckpt.set_rng_state(ckpt.load_tree(path / f"rng_rank{acc.process_index}"))
+        if self.batches is not None and meta["data"] is not None:
+            self.batches.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        acc.print(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return old
+
+    def _on_signal(self, signum, _frame):
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _restore_signal_handlers(self, old):
+        for sig, handler in (old or {}).items():
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag > 0)
+
+
+def _no_accelerator() -> bool:
+    """True on a CPU-only machine: Accelerate then uses gloo for torchrun/`accelerate launch` processes
+    (without ``cpu=True`` it silently runs each process alone)."""
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available())
+
+
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide state; let a later trainer in the same process (quickstart, tests)
+    use another precision instead of failing."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+@contextmanager
+def _no_sync(modules, accelerator):
+    with ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(accelerator.no_sync(m))
+        yield
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

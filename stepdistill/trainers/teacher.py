@@ -1,0 +1,151 @@
+"""Teacher training: the plain denoising loss (epsilon, v or flow matching), with label dropout for CFG."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..conditioning import Cond
+from ..denoiser import Denoiser
+from ..models import LoadedModel, check_resolution, load_model, save_model
+from ..schedule import NoiseSchedule
+from ..solvers import sample as solve, scheduler_timesteps
+from . import register
+from .base import Objective, Phase
+
+
+def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   schedule: NoiseSchedule, prediction_type: str) -> torch.Tensor:
+    """``E ||pred - target||^2`` with the target of the prediction type: eps (DDPM, Ho et al. 2020 Eq. 14),
+    ``v = alpha eps - sigma x0`` (Salimans & Ho 2022), x0, or the flow velocity ``eps - x0`` (Lipman et al.
+    2023; SD3 Eq. 2 with sigma = t)."""
+    a, s = schedule.alpha_sigma(t)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    a, s = a.to(x0.device).view(shape), s.to(x0.device).view(shape)
+    targets = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0, "flow": noise - x0}
+    return torch.mean((pred.float() - targets[prediction_type].float()) ** 2)
+
+
+@dataclass
+class DenoisingConfig:
+    label_dropout: float = 0.1  # probability of the null class (or empty prompt), so the model supports CFG
+    t_dist: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
+    sample_steps: int = 50  # DDIM steps for sample grids
+    sample_guidance: float = 1.0
+
+    def validate(self):
+        from ..config import ConfigError
+
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"objective.label_dropout must be in [0, 1), not {self.label_dropout}")
+
+
+@register
+class DenoisingObjective(Objective):
+    """Train (or fine-tune) a diffusion/flow model with its own prediction type."""
+
+    name = "teacher"
+    Config = DenoisingConfig
+    ema_module = "model"
+
+    def __init__(self, config: DenoisingConfig, loaded: LoadedModel, num_classes: int | None, resolution: int,
+                 channels: int):
+        super().__init__(config)
+        self.model: Denoiser = loaded.denoiser
+        self.model.requires_grad_(True).train()
+        self.scheduler = loaded.scheduler
+        self.source_folder = loaded.folder  # the teacher's Diffusers folder (VAE / text encoders for export)
+        self.schedule, self.prediction_type = self.model.schedule, self.model.prediction_type
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        self.meta = {**loaded.meta, "num_classes": num_classes, "resolution": resolution, "channels": channels}
+        if num_classes is not None:
+            embeds = self.model.backbone.config.get("num_class_embeds")
+            need = num_classes + (1 if config.label_dropout > 0 else 0)
+            if embeds is None or embeds < need:
+                raise ValueError(f"the data has {num_classes} classes; with label dropout the backbone needs "
+                                 f"num_class_embeds >= {need} (the null class is {num_classes}), it has {embeds}")
+            self.model.null_class = num_classes
+
+    @classmethod
+    def phase_names(cls, config):
+        return ["model"]
+
+    @classmethod
+    def optim_defaults(cls, config):
+        return {"model": {"lr": 2e-4, "warmup_steps": 100}}
+
+    @classmethod
+    def from_config(cls, run, data=None) -> "DenoisingObjective":
+        loaded = load_model(run.model)
+        check_resolution(loaded.denoiser.backbone, run.data.resolution)
+        num_classes = getattr(data, "num_classes", None)
+        return cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)
+
+    def phases(self):
+        return [Phase("model", ("model",))]
+
+    def loss(self, phase, batch, step):
+        x0 = batch["image"]
+        cond = Cond.from_batch(batch)
+        if cond.class_labels is not None and self.config.label_dropout > 0:
+            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.label_dropout
+            cond.class_labels = torch.where(drop, torch.full_like(cond.class_labels, self.num_classes),
+                                            cond.class_labels)
+        schedule = self.schedule
+        t = schedule.sample_t(x0.shape[0], self.config.t_dist, device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = schedule.add_noise(x0, noise, t)
+        ptype = self.prediction_type
+        pred = self.model(x_t, t, cond, output=ptype)
+        loss = denoising_loss(pred, x0, noise, x_t, t, schedule, ptype)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def sample(self, batch, generator=None, steps: int | None = None, guidance_scale: float | None = None):
+        n = batch["batch_size"]
+        model = self.model
+        device = next(model.parameters()).device
+        labels = batch.get("class_label")
+        if labels is None and self.num_classes:
+            labels = torch.arange(n, device=device) % self.num_classes
+        cond = Cond(class_labels=labels)
+        noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
+        steps = steps or self.config.sample_steps
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        s = self.config.sample_guidance if guidance_scale is None else guidance_scale
+        fn = lambda x, t: model(x, t, cond, guidance_scale=s if labels is not None else None)  # noqa: E731
+        return solve(fn, self.schedule, noise, scheduler_timesteps(ddim, steps)).clamp(-1, 1)
+
+    def save_pretrained(self, directory):
+        save_model(self.model, self.scheduler, directory, self.meta)
+
+    def export_spec(self):
+        """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
+        from diffusers import DDIMScheduler
+
+        from ..pipelines.export import ExportSpec
+        from ..pipelines.recipes import get_recipe
+
+        guidance = self.config.sample_guidance if self.num_classes else 1.0
+        recipe = get_recipe("ddim", self.config.sample_steps, guidance)
+        trained = scheduler_timesteps(DDIMScheduler.from_config(self.scheduler.config), self.config.sample_steps)
+        return ExportSpec(student=self.model, recipe=recipe, base_scheduler=self.scheduler, method="teacher",
+                          base_model=str(self.source_folder) if self.source_folder else None,
+                          base_folder=self.source_folder, num_classes=self.num_classes, timesteps=trained,
+                          meta=dict(self.meta))
+
+
+class TeacherTrainer:
+    """``TeacherTrainer(run_config).train()``: the denoising objective on the one loop."""
+
+    def __init__(self, run, callbacks=()):
+        from . import build_trainer
+
+        self.trainer = build_trainer(run, callbacks)
+        self.objective = self.trainer.objective
+
+    def train(self, resume="latest"):
+        return self.trainer.train(resume)

@@ -1,0 +1,232 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.config import OptimConfig, RunConfig, TrainConfig
+from stepdistill.data import TensorImages
+from stepdistill.trainers import Callback, DenoisingObjective, build_trainer, DistillTrainer, NonFiniteLoss, Objective, Phase
+from stepdistill.trainers.checkpoint import CheckpointError, step_dirs
+
+
+def teacher_trainer(run, callbacks=()):
+    return build_trainer(run, callbacks)
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class SignalAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_teacher_trains_saves_and_logs(tiny_teacher_config):
+    run = tiny_teacher_config(max_steps=6, ema_decay=0.9, sample_every=3, num_samples=4)
+    trainer = teacher_trainer(run)
+    trainer.train()
+    out = trainer.output_dir
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+    assert all("model/loss" in l and "images_per_s" in l and "lr/model" in l for l in lines)
+    assert (out / "samples" / "step_0000003.png").is_file() and (out / "config.yaml").is_file()
+    assert [p.name for p in step_dirs(out / "checkpoints")] == ["step_0000006"]
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model
+
+    loaded = load_model(ModelConfig(source=str(out / "final")))
+    assert loaded.meta["num_classes"] == 10 and loaded.denoiser.null_class == 10
+    assert loaded.denoiser.prediction_type == "v_prediction"
+    # the final model is the EMA, not the raw weights
+    with trainer.ema_weights():
+        ema = weights(trainer.objective.model.backbone)
+    final = loaded.denoiser.backbone.state_dict()
+    assert all(torch.equal(final[k], ema[k]) for k in ema)
+
+
+def test_teacher_loss_falls(tiny_teacher_config):
+    run = tiny_teacher_config(max_steps=40, batch_size=32, log_every=1)
+    trainer = teacher_trainer(run)
+    trainer.train()
+    losses = [json.loads(l)["model/loss"] for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_resume_equals_uninterrupted(tiny_teacher_config, tmp_path):
+    straight = tiny_teacher_config(max_steps=6, ema_decay=0.9)
+    straight.output_dir = str(tmp_path / "straight")
+    a = teacher_trainer(straight)
+    a.train()
+
+    run = tiny_teacher_config(max_steps=6, ema_decay=0.9, checkpoint_every=2)
+    run.output_dir = str(tmp_path / "interrupted")
+    b = teacher_trainer(run, [SignalAt(3)])
+    b.train()  # SIGTERM after step 3: saves a checkpoint and returns
+    assert b.step == 3 and (b.checkpoint_root / "step_0000003").is_dir()
+    c = teacher_trainer(run)
+    c.train(resume="latest")
+    assert c.step == 6
+    wa, wc = weights(a.objective.model), weights(c.objective.model)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    ea, ec = a.ema.state_dict()["shadow_params"], c.ema.state_dict()["shadow_params"]
+    assert all(torch.equal(x, y) for x, y in zip(ea, ec))
+
+
+def test_checkpoints_are_atomic_and_pruned(tiny_teacher_config):
+    run = tiny_teacher_config(max_steps=6, checkpoint_every=1, keep_checkpoints=2)
+    trainer = teacher_trainer(run)
+    trainer.train()
+    root = trainer.checkpoint_root
+    assert [p.name for p in step_dirs(root)] == ["step_0000005", "step_0000006"]
+    files = sorted(p.name for p in (root / "step_0000006").iterdir())
+    assert "model.safetensors" in files and "trainer.json" in files and "rng_rank0.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    # a half-written checkpoint (crash during save) is never resumed from
+    (root / ".tmp-step_0000007").mkdir()
+    again = teacher_trainer(run)
+    assert again.load_checkpoint("latest") and again.step == 6
+
+
+def test_corrupt_and_mismatched_checkpoints_fail_clearly(tiny_teacher_config, tmp_path):
+    run = tiny_teacher_config(max_steps=2)
+    trainer = teacher_trainer(run)
+    trainer.train()
+    good = trainer.checkpoint_root / "step_0000002"
+
+    other = tiny_teacher_config(max_steps=2)
+    other.model.backbone_config["num_class_embeds"] = 12
+    with pytest.raises(CheckpointError, match="class_embedding.weight has shape"):
+        teacher_trainer(other).load_checkpoint(str(good))
+    lora = teacher_trainer(run)
+    lora.trainable["model"] = lora.trainable["model"][:-1]
+    with pytest.raises(CheckpointError, match="does not match the module built from the config"):
+        lora.load_checkpoint(str(good))
+
+    (good / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt.*delete"):
+        teacher_trainer(run).load_checkpoint()
+    (good / "trainer.json").unlink()
+    with pytest.raises(CheckpointError, match="trainer.json"):
+        teacher_trainer(run).load_checkpoint()
+
+
+# ---------------------------------------------------------------------------- a two-phase toy method
+class Toy(Objective):
+    """A generator and a critic whose losses both read both modules (as a GAN's do)."""
+
+    name = "toy"
+    ema_module = "gen"
+
+    def __init__(self, nan_at=None):
+        super().__init__(None)
+        torch.manual_seed(0)
+        self.gen = torch.nn.Linear(4, 4)
+        self.critic = torch.nn.Linear(4, 1)
+        self.nan_at = nan_at
+
+    def phases(self):
+        return [Phase("gen", ("gen",)), Phase("critic", ("critic",))]
+
+    def loss(self, phase, batch, step):
+        x = batch["image"].flatten(1)[:, :4]
+        fake = self.gen(x)
+        score = self.critic(fake).mean()
+        loss = -score if phase == "gen" else score + (fake.detach() ** 2).mean() * 0 + self.critic.weight.pow(2).sum()
+        if self.nan_at is not None and step == self.nan_at and phase == "critic":
+            return loss * float("nan"), {"adv": loss * float("nan"), "ok": loss.detach()}
+        return loss, {"adv": loss.detach()}
+
+    def sample(self, batch, generator=None):
+        return torch.zeros(batch["batch_size"], 1, 2, 2)
+
+
+def toy_run(tmp_path, gen_every=2, **train):
+    return RunConfig(method="toy", output_dir=str(tmp_path / "toy"),
+                     train=TrainConfig(**{"max_steps": 4, "batch_size": 4, "progress": False, "log_every": 1,
+                                          "checkpoint_every": 0, **train}),
+                     optim={"gen": OptimConfig(lr=0.1, every=gen_every, lr_schedule="constant"),
+                            "critic": OptimConfig(lr=0.1, lr_schedule="constant")})
+
+
+def toy_data():
+    return TensorImages(torch.randn(64, 1, 2, 2))
+
+
+class Record(Callback):
+    def __init__(self):
+        self.history = []
+
+    def on_step_end(self, trainer, step):
+        self.history.append((step, weights(trainer.objective.gen), weights(trainer.objective.critic)))
+
+
+def test_ttur_and_phase_isolation(tmp_path):
+    rec = Record()
+    trainer = DistillTrainer(Toy(), toy_data(), toy_run(tmp_path, gen_every=2), [rec])
+    gen0, critic0 = weights(trainer.objective.gen), weights(trainer.objective.critic)
+    trainer.train(resume=None)
+    prev_gen, prev_critic = gen0, critic0
+    for step, gen, critic in rec.history:
+        ran_gen = (step - 1) % 2 == 0
+        assert any(not torch.equal(gen[k], prev_gen[k]) for k in gen) == ran_gen, step
+        assert any(not torch.equal(critic[k], prev_critic[k]) for k in critic)
+        prev_gen, prev_critic = gen, critic
+
+
+def test_gradients_reach_only_the_current_phase(tmp_path):
+    trainer = DistillTrainer(Toy(), toy_data(), toy_run(tmp_path), [])
+    batch = {"image": torch.randn(4, 1, 2, 2), "batch_size": 4}
+    for phase, other in (("gen", "critic"), ("critic", "gen")):
+        trainer._enter_phase(phase)
+        loss, _ = trainer.objective.loss(phase, batch, 0)
+        loss.backward()
+        assert all(p.grad is not None for p in getattr(trainer.objective, phase).parameters())
+        assert all(p.grad is None for p in getattr(trainer.objective, other).parameters())
+        trainer.objective.zero_grad(set_to_none=True)
+    trainer._restore_modules()
+
+
+def test_nan_stops_with_step_phase_and_term_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = DistillTrainer(Toy(nan_at=2), toy_data(), toy_run(tmp_path, gen_every=1, checkpoint_every=1), [])
+    with pytest.raises(NonFiniteLoss) as err:
+        trainer.train(resume=None)
+    assert "step 2" in str(err.value) and "'critic'" in str(err.value) and "adv" in str(err.value)
+    assert "ok" not in str(err.value).split("term(s)")[1].split(";")[0]
+    assert [p.name for p in step_dirs(trainer.checkpoint_root)] == ["step_0000001", "step_0000002"][:1] or \
+        [p.name for p in step_dirs(trainer.checkpoint_root)][-1] == "step_0000002"
+
+
+def test_gradient_accumulation_consumes_micro_batches(tmp_path):
+    trainer = DistillTrainer(Toy(), toy_data(), toy_run(tmp_path, gen_every=1, grad_accum=3, max_steps=2), [])
+    trainer.train(resume=None)
+    # 2 steps x 2 phases x 3 micro-batches = 12 batches of 4 from 64 items (16 per epoch)
+    assert trainer.batches.state_dict() == {"epoch": 0, "position": 12}
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_teacher_config):
+    run = tiny_teacher_config(max_steps=2, mixed_precision="bf16")
+    trainer = teacher_trainer(run)
+    trainer.train()
+    losses = [json.loads(l)["model/loss"] for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(l == l and l < 10 for l in losses)
+
+
+def test_lora_module_checkpoints_only_adapters(tiny_teacher_config):
+    run = tiny_teacher_config(max_steps=2)
+    from stepdistill.data import build_dataset
+
+    data = build_dataset(run.data)
+    objective = DenoisingObjective.from_config(run, data)
+    objective.model.with_lora(rank=2)
+    trainer = DistillTrainer(objective, data, run)
+    trainer.train()
+    saved = load_file(str(trainer.checkpoint_root / "step_0000002" / "model.safetensors"))
+    assert saved and all("lora" in k for k in saved)
