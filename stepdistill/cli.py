@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML recipe (see configs/)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 output_dir=runs/x")
         p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    from .metrics.commands import add_parsers as add_metric_parsers
+
+    add_metric_parsers(sub)  # eval, bench
     return parser
 
 
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, None)
         if args.command == "train-teacher":
             return _train(args, "teacher")
+        if args.command in ("eval", "bench"):
+            from .metrics import commands
+
+            return commands.run_eval(args) if args.command == "eval" else commands.run_bench(args)
     except user_errors() as exc:
         print(f"stepdistill: error: {exc}", file=sys.stderr)
         return 2

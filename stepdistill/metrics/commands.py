@@ -1,0 +1,174 @@
+"""The ``stepdistill eval`` and ``stepdistill bench`` subcommands (parsers and their calls).
+
+Imports stay light at module level (the parser is built for every ``stepdistill`` command)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+METRICS = ("fid", "kid", "prc", "isc")  # as stepdistill.metrics.fid.METRICS
+DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)  # as stepdistill.metrics.nfe.DEFAULT_TEACHER_NFE
+
+
+def _error(message: str) -> Exception:
+    from ..data import DataError
+
+    return DataError(message)
+
+
+def parse_nfe(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise _error(f"NFE must be comma-separated integers like 1,2,4, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise _error(f"NFE must be positive integers like 1,2,4, not {text!r}")
+    return values
+
+
+def _metrics(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise _error(f"unknown metrics {bad}; choose from {','.join(METRICS)}")
+    return names
+
+
+def _common(p: argparse.ArgumentParser, n_default: int) -> None:
+    p.add_argument("--n", type=int, default=n_default, help=f"generated samples per NFE (default {n_default})")
+    p.add_argument("--features", default="digits",
+                   help="digits (the shipped digits CNN) or inception:PATH (FID Inception weights file)")
+    p.add_argument("--reference", default="digits",
+                   help="reference images: digits (all 1,797), digits:train, digits:test or folder:PATH")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*2**32+i)")
+    p.add_argument("--batch-size", type=int, default=250, help="generation and feature batch (latency is per "
+                   "image at this batch size)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (standard form, 1 = none); default: 1 for teachers, the saved one for students")
+    p.add_argument("--metrics", default=",".join(METRICS), help="any of fid,kid,prc,isc")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
+    p.add_argument("--floor-splits", type=int, default=10,
+                   help="random halves of the reference for the real-vs-real floor (0: skip it)")
+    p.add_argument("--prompts", default=None, help="prompt file for text-to-image pipelines (one per line)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own); on a busy shared CPU 1 thread can be much faster")
+    p.add_argument("--cache-dir", default=None, help="reference-feature cache (default ~/.cache/stepdistill/fid)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="FID/KID/precision-recall/IS and latency of one model at one or more NFE")
+    p.add_argument("source", metavar="PIPELINE_OR_RUN",
+                   help="pipeline folder (model_index.json), teacher or run folder, or digits-teacher")
+    p.add_argument("--nfe", default=None, help="comma-separated NFE, e.g. 1,2,4 (default: the model's own steps)")
+    p.add_argument("--kind", choices=("teacher", "student"), default=None,
+                   help="teacher: sample with DDIM at each NFE; default: student for pipelines, else teacher")
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None, help="results JSON (default eval_<name>/results.json); details.json, "
+                   "nfe_vs_fid.png and samples/ go next to it")
+    _common(p, 2000)
+
+    p = sub.add_parser("bench", help="a teacher at several NFE and students at theirs: results.json + nfe_vs_fid.png")
+    p.add_argument("--teacher", default="digits-teacher", help="teacher source, or 'none' (default digits-teacher)")
+    p.add_argument("--teacher-nfe", default=",".join(map(str, DEFAULT_TEACHER_NFE)))
+    p.add_argument("--student", action="append", default=[], metavar="PATH[@NFE,...]",
+                   help="an exported student pipeline folder, at its saved steps or at @1,2,4; repeatable")
+    p.add_argument("--out-dir", default="bench", help="where results.json, nfe_vs_fid.png and samples/ go")
+    _common(p, 2000)
+
+
+def _settings(args):
+    from .nfe import BenchSettings
+
+    if args.n < 2:
+        raise _error("--n must be at least 2")
+    if args.batch_size < 1:
+        raise _error("--batch-size must be at least 1")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise _error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    return BenchSettings(n=args.n, seed=args.seed, batch_size=args.batch_size, features=args.features,
+                         reference=args.reference, metrics=_metrics(args.metrics), kid_subsets=args.kid_subsets,
+                         kid_subset_size=args.kid_subset_size, floor_splits=args.floor_splits,
+                         cache_dir=args.cache_dir, device=args.device,
+                         progress=not args.no_progress)
+
+
+def _prompts(args) -> list[str] | None:
+    if not args.prompts:
+        return None
+    from ..data import read_prompts
+
+    return [r.prompt for r in read_prompts(args.prompts)]
+
+
+def _summary(results: dict) -> str:
+    lines = []
+    for m in results["models"]:
+        for r in m["results"]:
+            lines.append(f"{m['name']:>20} {m['kind']:>7}  nfe {r['nfe']:>3}  FID {r['fid']:.4g}  "
+                         f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}  {r['seconds_per_image'] * 1e3:.3g} ms/img")
+    return "\n".join(lines)
+
+
+def run_eval(args) -> int:
+    from .nfe import run_benchmark, slug
+    from .samplers import load_eval_model
+
+    settings = _settings(args)
+    model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args))
+    nfes = parse_nfe(args.nfe) if args.nfe else model.default_nfe
+    if not nfes:
+        raise _error(f"{args.source} does not record its steps: pass --nfe (e.g. --nfe 1,2,4)")
+    out = Path(args.out) if args.out else Path(f"eval_{slug(model.name)}") / "results.json"
+    results = run_benchmark([(model, nfes)], settings, out, log=_log(args))
+    print(_summary(results))
+    print(f"wrote {out}")
+    return 0
+
+
+def run_bench(args) -> int:
+    from .nfe import run_benchmark
+    from .samplers import load_eval_model
+
+    settings = _settings(args)
+    prompts = _prompts(args)
+    models = []
+    if args.teacher and args.teacher.lower() != "none":
+        teacher = load_eval_model(args.teacher, "teacher", None, args.device, args.guidance, prompts)
+        models.append((teacher, parse_nfe(args.teacher_nfe)))
+    for spec in args.student:
+        path, _, nfe = spec.partition("@")
+        student = load_eval_model(path, "student", None, args.device, None, prompts)
+        nfes = parse_nfe(nfe) if nfe else student.default_nfe
+        if not nfes:
+            raise _error(f"student {path} does not record its steps: give them as {path}@1,2,4")
+        models.append((student, nfes))
+    if not models:
+        raise _error("nothing to benchmark: give --teacher and/or --student")
+    names = [m.name for m, _ in models]
+    if len(set(names)) != len(names):
+        raise _error(f"models need distinct names (folder names): {names}")
+    out = Path(args.out_dir) / "results.json"
+    results = run_benchmark(models, settings, out, log=_log(args))
+    print(_summary(results))
+    floor = results["protocol"].get("real_vs_real")
+    if floor:
+        print(f"real vs real: FID floor {floor['fid_floor']:.4g} at N={settings.n} (halves: "
+              f"{floor['fid_halves_mean']:.4g} ± {floor['fid_halves_std']:.2g})")
+    print(f"wrote {out}, {out.parent / 'nfe_vs_fid.png'}, {out.parent / 'samples'}/ "
+          f"({results['protocol']['wall_seconds']:.0f} s)")
+    return 0
+
+
+def _log(args):
+    if args.no_progress:
+        return lambda *a, **k: None
+    from tqdm.auto import tqdm
+
+    return tqdm.write

@@ -1,0 +1,222 @@
+"""The NFE-versus-FID benchmark: a teacher at several NFE and students at theirs, the same labels, noise and N,
+written as ``results.json``, ``nfe_vs_fid.png`` and a sample grid per model and NFE.
+
+``results.json`` (the same shape for ``eval`` and ``bench``)::
+
+    {"protocol": {...},
+     "models": [{"name", "kind": "teacher" | "student",
+                 "results": [{"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n"}, ...]}, ...]}
+
+Precision/recall, IS and the KID subset size of each point go to ``details.json`` (same shape, more keys).
+Latency: every (model, NFE) is generated in batches of ``batch_size``; the first batch is the warm-up (untimed)
+and ``seconds_per_image`` is the wall time of the pipeline calls of the remaining full batches per image (with a
+single batch, that batch is run once more, timed). Generation and feature extraction stream batch by batch.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .fid import FidelityEvaluator, METRICS
+from .samplers import EvalModel, to_uint8_unit
+
+DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n")
+GRID_COUNT = 100
+
+
+@dataclass
+class BenchSettings:
+    n: int = 2000
+    seed: int = 0
+    batch_size: int = 250
+    features: str = "digits"
+    reference: str = "digits"
+    metrics: tuple = METRICS
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    floor_splits: int = 10
+    cache_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+    grid_count: int = GRID_COUNT
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bicubic", align_corners=False,
+                         antialias=True).clamp(0, 1)
+
+
+def _output_shape(model: EvalModel, settings: BenchSettings) -> tuple[int, int]:
+    """(channels, resolution) of the model's images, from one tiny 1-step sample."""
+    x = model.sample([0], 1 if not model.timesteps else len(model.timesteps), settings.seed)
+    return int(x.shape[1]), int(x.shape[-1])
+
+
+def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, settings: BenchSettings,
+                   grid_path: Path | None = None) -> dict:
+    """Generate ``settings.n`` samples at ``nfe``, scoring them as they come; returns the full result dict."""
+    from tqdm.auto import tqdm
+
+    from ..data import save_grid
+
+    acc = evaluator.accumulator()
+    n, bs = settings.n, settings.batch_size
+    starts = list(range(0, n, bs))
+    timed_seconds, timed_images, grid = 0.0, 0, []
+    bar = tqdm(starts, desc=f"{model.name} nfe={nfe}", unit="batch", disable=not settings.progress, leave=False)
+    for k, s in enumerate(bar):
+        idx = range(s, min(s + bs, n))
+        t0 = time.perf_counter()
+        images = model.sample(idx, nfe, settings.seed)
+        dt = time.perf_counter() - t0
+        if k > 0 and len(idx) == bs:
+            timed_seconds, timed_images = timed_seconds + dt, timed_images + len(idx)
+        images = _resize(images, evaluator.resolution)
+        have = sum(len(g) for g in grid)
+        if have < settings.grid_count:
+            grid.append(images[: settings.grid_count - have])
+        acc.add(to_uint8_unit(images))
+    if timed_images == 0:  # one batch only: time it again, warm
+        idx = range(0, min(bs, n))
+        t0 = time.perf_counter()
+        model.sample(idx, nfe, settings.seed)
+        timed_seconds, timed_images = time.perf_counter() - t0, len(idx)
+    features = acc.result()
+    scores = evaluator.score(features)
+    if grid_path is not None and grid:
+        save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=10 if model.num_classes == 10 else None,
+                  scale=max(1, 64 // evaluator.resolution))
+    return {"nfe": int(nfe), **scores, "seconds_per_image": timed_seconds / timed_images, "n": features.n,
+            "timed_images": timed_images}
+
+
+def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSettings,
+                  results_path: str | Path = "bench/results.json", log=print) -> dict:
+    """Evaluate each (model, NFE list); write ``results_path`` and, next to it, ``details.json``,
+    ``nfe_vs_fid.png`` and ``samples/<model>_nfe<K>.png``."""
+    results_path = Path(results_path)
+    out_dir = results_path.parent
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    channels, resolution = _output_shape(models[0][0], settings)
+    evaluator = FidelityEvaluator(settings.features, settings.reference, resolution, channels, settings.metrics,
+                                  settings.cache_dir, settings.device, settings.batch_size, settings.kid_subsets,
+                                  settings.kid_subset_size, progress=settings.progress)
+    started = time.time()
+    classes = {m.num_classes for m, _ in models}
+    balanced = len(classes) == 1 and None not in classes and evaluator.ref_labels is not None \
+        and len(torch.unique(evaluator.ref_labels)) == next(iter(classes))
+    floor = (evaluator.floor(settings.n, settings.floor_splits, stratified=balanced)
+             if "fid" in settings.metrics and settings.floor_splits > 0 else None)
+    entries, details = [], []
+    for model, nfes in models:
+        rows = []
+        for nfe in nfes:
+            grid = out_dir / "samples" / f"{slug(model.name)}_nfe{nfe}.png"
+            row = evaluate_point(model, nfe, evaluator, settings, grid)
+            rows.append(row)
+            log(f"{model.name} ({model.kind}) nfe={nfe}: " + "  ".join(
+                f"{k}={row[k]:.4g}" for k in ("fid", "kid_mean", "kid_std", "precision", "recall", "seconds_per_image")
+                if k in row))
+        entries.append({"name": model.name, "kind": model.kind,
+                        "results": [{k: r.get(k) for k in RESULT_KEYS} for r in rows]})
+        details.append({"name": model.name, "kind": model.kind, "results": rows})
+    protocol = build_protocol(evaluator, settings, models, floor, time.time() - started)
+    results = {"protocol": protocol, "models": entries}
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "details.json").write_text(json.dumps({"protocol": protocol, "models": details}, indent=1) + "\n")
+    if "fid" in settings.metrics and "kid" in settings.metrics:
+        plot_nfe_vs_fid(results, out_dir / "nfe_vs_fid.png")
+    return results
+
+
+def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models, floor, seconds: float) -> dict:
+    from .. import __version__
+
+    num_classes = {m.num_classes for m, _ in models}
+    labels = (f"sample i has class i % {num_classes.pop()} (balanced; the same for every model)"
+              if len(num_classes) == 1 and None not in num_classes else "per model, see models")
+    main = next((m for m, _ in models if m.kind == "teacher"), models[0][0])  # per model: protocol["models"]
+    return {
+        **evaluator.protocol(settings.n),
+        "seed": settings.seed,
+        "noise": "sample i draws all its noise from torch.Generator().manual_seed(seed * 2**32 + i), the same for "
+                 "every model and NFE",
+        "class_labels": labels,
+        "nfe": "sampler steps; each is one network call per sample at guidance 1 (two, batched, with CFG)",
+        "guidance": main.guidance,
+        "real_vs_real": floor,
+        "latency": {"batch_size": settings.batch_size, "warmup": "first batch of each (model, nfe), untimed",
+                    "device": str(settings.device), "torch_threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine()},
+        "models": {m.name: {**m.describe(), "nfe": list(nfes)} for m, nfes in models},
+        "wall_seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "stepdistill": __version__,
+    }
+
+
+def plot_nfe_vs_fid(results: dict, path: str | Path) -> Path:
+    """FID and KID against NFE (log x): the teacher as a line, students as marked points, the floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    markers = iter("s^Dv*PXh<>" * 3)
+    all_nfe = set()
+    for model in results["models"]:
+        rows = sorted(model["results"], key=lambda r: r["nfe"])
+        x = [r["nfe"] for r in rows]
+        all_nfe.update(x)
+        marker = next(markers)
+        for ax, key in zip(axes, ("fid", "kid_mean")):
+            y = [r[key] for r in rows]
+            err = [r["kid_std"] for r in rows] if key == "kid_mean" else None
+            if model["kind"] == "teacher":
+                ax.errorbar(x, y, yerr=err, marker="o", lw=1.8, capsize=3, label=f"{model['name']} (teacher)")
+            else:
+                ax.errorbar(x, y, yerr=err, marker=marker, ms=9, ls="none", capsize=3,
+                            label=f"{model['name']} (student)")
+    protocol = results["protocol"]
+    floor = protocol.get("real_vs_real")
+    if floor:
+        axes[0].axhline(floor["fid_floor"], color="gray", ls="--", lw=1, label="real vs real (floor at this N)")
+    axes[1].axhline(floor["kid_floor"] if floor else 0.0, color="gray", ls="--", lw=1)
+    extractor = protocol["feature_extractor"]["name"]
+    for ax, title in zip(axes, ("FID", "KID (mean ± std)")):
+        ax.set_xscale("log", base=2)
+        ticks = sorted(all_nfe)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(f"{title.split()[0]} ({extractor} features)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+    if all(r["fid"] is not None and r["fid"] > 0 for m in results["models"] for r in m["results"]):
+        axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].legend(fontsize=8)
+    ref = protocol["reference"]
+    fig.suptitle(f"N = {protocol['n_generated']} generated vs {ref['name']} ({ref['size']} images, "
+                 f"{ref['resolution']}px)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

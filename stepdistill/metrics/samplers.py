@@ -1,0 +1,208 @@
+"""What ``eval`` and ``bench`` sample from: a teacher with its own sampler at any NFE, or an exported student
+pipeline at its trained steps — with the same labels and the same noise for every model.
+
+Sources:
+- ``digits-teacher``, a teacher folder (``unet/`` + ``scheduler/`` [+ ``stepdistill.json``]) or a run folder
+  (its ``final/``): the teacher's DDIM sampler (eta 0, ``DDIMScheduler.from_config`` of its own scheduler; a flow
+  teacher keeps its FlowMatch Euler scheduler) in :class:`ClassConditionalPipeline` for pixel UNets. Kind: teacher.
+- a pipeline folder (``model_index.json``): ``ClassConditionalPipeline.from_pretrained`` for class-conditional
+  digits pipelines, ``DiffusionPipeline.from_pretrained`` otherwise. Kind: student. Its default steps, timesteps
+  and guidance are read from the pipeline config or ``stepdistill.json`` (``num_inference_steps``,
+  ``timesteps``, ``guidance_scale``, at the top level or under ``recipe``).
+
+Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``seed * 2**32 + i`` for all of its
+noise (one generator per sample, so the samples do not depend on the batch size or on the model).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import NAMED_MODELS, ModelLoadError
+
+TEACHER_SAMPLER = "DDIM (eta 0) on DDIMScheduler.from_config(teacher scheduler config)"
+
+
+def sample_generators(indices, seed: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed((seed << 32) + int(i)) for i in indices]
+
+
+def _lookup(d: dict, key: str):
+    if key in d:
+        return d[key]
+    recipe = d.get("recipe")
+    return recipe.get(key) if isinstance(recipe, dict) else None
+
+
+@dataclass
+class EvalModel:
+    """A model ready to sample: ``model.sample(indices, nfe, seed)`` -> float images in [0, 1] (B, C, H, W)."""
+
+    name: str
+    kind: str  # "teacher" | "student"
+    pipe: object
+    source: str
+    default_nfe: list[int] = field(default_factory=list)
+    guidance: float | None = None
+    num_classes: int | None = None
+    timesteps: list[int] | None = None  # a student's trained timesteps (used when nfe == len(timesteps))
+    sampler: str = ""
+    prompts: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._params = inspect.signature(self.pipe.__call__).parameters
+        if "prompt" in self._params and not self.prompts and self.num_classes is None:
+            raise ModelLoadError(f"{self.source} is a text-to-image pipeline: give prompts (--prompts FILE)")
+
+    def sample(self, indices, nfe: int, seed: int) -> torch.Tensor:
+        indices = list(indices)
+        p = self._params
+        kwargs = {"generator": sample_generators(indices, seed), "output_type": "np"}
+        if self.timesteps is not None and nfe == len(self.timesteps) and "timesteps" in p:
+            kwargs["timesteps"] = list(self.timesteps)
+        else:
+            kwargs["num_inference_steps"] = nfe
+        if self.num_classes is not None and "class_labels" in p:
+            kwargs["class_labels"] = [i % self.num_classes for i in indices]
+        elif "prompt" in p and self.prompts:
+            kwargs["prompt"] = [self.prompts[i % len(self.prompts)] for i in indices]
+        elif "batch_size" in p:
+            kwargs["batch_size"] = len(indices)
+        if self.guidance is not None and "guidance_scale" in p:
+            kwargs["guidance_scale"] = self.guidance
+        out = self.pipe(**kwargs)
+        images = out.images if hasattr(out, "images") else out[0]
+        if isinstance(images, list):  # PIL
+            images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+        images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+        if images.ndim == 3:
+            images = images[..., None]
+        return images.permute(0, 3, 1, 2).clamp(0, 1)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "pipeline": type(self.pipe).__name__,
+                "scheduler": type(getattr(self.pipe, "scheduler", None)).__name__, "sampler": self.sampler,
+                "guidance": self.guidance, "timesteps": self.timesteps,
+                "class_labels": f"i % {self.num_classes}" if self.num_classes else None, **self.info}
+
+
+def to_uint8_unit(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images -> uint8, rounded (as a PNG stores them)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _resolve_folder(source: str) -> Path:
+    if source in NAMED_MODELS:
+        folder = NAMED_MODELS[source]
+        if not folder.is_dir():
+            raise ModelLoadError(f"the shipped model {source!r} is missing from {folder}: it is not trained yet or "
+                                 "not installed")
+        return folder
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"{source} is not a folder: give a pipeline folder (model_index.json), a teacher folder "
+                             "(unet/ + scheduler/), a run folder (final/) or 'digits-teacher'")
+    if not (folder / "model_index.json").is_file() and (folder / "final").is_dir():
+        folder = folder / "final"
+    return folder
+
+
+def _fingerprint(module) -> str | None:
+    from ..data import module_fingerprint
+
+    try:
+        return module_fingerprint(module)
+    except Exception:  # a fingerprint is informative, never fatal
+        return None
+
+
+def _teacher_scheduler(scheduler):
+    from diffusers import DDIMScheduler
+
+    if "FlowMatch" in type(scheduler).__name__:
+        return scheduler, f"{type(scheduler).__name__} (the teacher's own flow sampler)"
+    return DDIMScheduler.from_config(scheduler.config), TEACHER_SAMPLER
+
+
+def load_eval_model(source: str, kind: str | None = None, name: str | None = None, device: str = "cpu",
+                    guidance: float | None = None, prompts: list[str] | None = None) -> EvalModel:
+    """Load ``source`` for evaluation (see the module docstring). ``kind`` overrides teacher/student."""
+    folder = _resolve_folder(source)
+    name = name or (source if source in NAMED_MODELS else folder.name if folder.name != "final"
+                    else folder.parent.name)
+    if (folder / "model_index.json").is_file():
+        return _load_pipeline(folder, source, kind or "student", name, device, guidance, prompts)
+    return _load_teacher_folder(folder, source, kind or "teacher", name, device, guidance, prompts)
+
+
+def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
+    from ..backbones import unwrap
+    from ..config import ModelConfig
+    from ..models import load_model
+    from ..pipelines import ClassConditionalPipeline
+
+    loaded = load_model(ModelConfig(source=str(folder)))
+    backbone = unwrap(loaded.denoiser.backbone)
+    if type(backbone).__name__ != "UNet2DModel":
+        raise ModelLoadError(f"{folder} holds a {type(backbone).__name__}; evaluate latent or text-to-image "
+                             "teachers as a Diffusers pipeline folder (model_index.json)")
+    scheduler, sampler = _teacher_scheduler(loaded.scheduler)
+    num_classes = loaded.meta.get("num_classes")
+    if num_classes is None and backbone.config.get("num_class_embeds"):
+        num_classes = int(backbone.config.num_class_embeds)
+    pipe = ClassConditionalPipeline(unet=backbone, scheduler=scheduler, null_class=loaded.meta.get("num_classes"))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = 1.0 if guidance is None else guidance
+    default = loaded.meta.get("sample_steps") or 50
+    return EvalModel(name, kind, pipe, str(source), [int(default)], guidance, num_classes, None, sampler, prompts,
+                     {"weights_fingerprint": _fingerprint(backbone), "folder": str(folder.resolve())})
+
+
+def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
+    from diffusers import DiffusionPipeline
+
+    from ..pipelines import ClassConditionalPipeline
+
+    index = json.loads((folder / "model_index.json").read_text())
+    cls_name = index.get("_class_name")
+    cls_name = cls_name[-1] if isinstance(cls_name, list) else cls_name
+    meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").is_file() else {}
+    # a folder our exporter wrote says whether its shims (pipeline.py, scheduler/scheduler.py) must be trusted
+    trust = bool((meta.get("export") or {}).get("trust_remote_code", False))
+    try:
+        if cls_name == "ClassConditionalPipeline":
+            pipe = ClassConditionalPipeline.from_pretrained(folder)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot load the pipeline in {folder}: {exc}") from exc
+    sampler = f"the pipeline's own ({type(pipe.scheduler).__name__})"
+    if kind == "teacher":
+        pipe.scheduler, sampler = _teacher_scheduler(pipe.scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    config = dict(pipe.config)
+    steps = _lookup(meta, "num_inference_steps") or config.get("num_inference_steps")
+    timesteps = _lookup(meta, "timesteps")
+    if steps is None and timesteps:
+        steps = len(timesteps)
+    if guidance is None:
+        guidance = _lookup(meta, "guidance_scale")
+        guidance = config.get("guidance_scale") if guidance is None else guidance
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    num_classes = None
+    if cls_name == "ClassConditionalPipeline" and denoiser is not None and denoiser.config.get("num_class_embeds"):
+        null = meta.get("num_classes", config.get("null_class"))
+        num_classes = int(null) if null is not None else int(denoiser.config.num_class_embeds)
+    default = [int(s) for s in (steps if isinstance(steps, list) else [steps])] if steps else []
+    return EvalModel(name, kind, pipe, str(source), default, None if guidance is None else float(guidance),
+                     num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, prompts,
+                     {"weights_fingerprint": _fingerprint(denoiser) if denoiser is not None else None,
+                      "folder": str(folder.resolve())})

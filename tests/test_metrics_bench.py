@@ -1,0 +1,125 @@
+"""`stepdistill eval` and `stepdistill bench` end to end on a tiny class-conditional teacher and student."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from stepdistill.cli import main
+from tiny import TINY_SCHEDULER, TINY_UNET
+
+RESULT_KEYS = {"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n"}
+FAST = ["--n", "40", "--batch-size", "20", "--kid-subsets", "5", "--floor-splits", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny teacher folder (save_model) and an exported-style student pipeline folder (2 DDIM steps)."""
+    from diffusers import DDIMScheduler
+
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import build_model, save_model
+    from stepdistill.pipelines import ClassConditionalPipeline
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    loaded = build_model(ModelConfig(source="", backbone="UNet2DModel", backbone_config=dict(TINY_UNET),
+                                     scheduler="DDPMScheduler", scheduler_config=dict(TINY_SCHEDULER)))
+    save_model(loaded.denoiser, loaded.scheduler, root / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
+    pipe = ClassConditionalPipeline(unet=loaded.denoiser.backbone,
+                                    scheduler=DDIMScheduler.from_config(loaded.scheduler.config),
+                                    num_inference_steps=2, null_class=10)
+    pipe.save_pretrained(root / "student")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fid-cache"))
+
+
+def check_schema(results, names_kinds, nfes):
+    assert set(results) == {"protocol", "models"}
+    assert [(m["name"], m["kind"]) for m in results["models"]] == names_kinds
+    for model, expected in zip(results["models"], nfes):
+        assert set(model) == {"name", "kind", "results"}
+        assert [r["nfe"] for r in model["results"]] == expected
+        for r in model["results"]:
+            assert set(r) == RESULT_KEYS
+            assert r["n"] == 40 and r["seconds_per_image"] > 0 and r["fid"] > 0 and r["kid_std"] >= 0
+    p = results["protocol"]
+    for key in ("computed", "feature_extractor", "n_generated", "reference", "resolution", "seed", "guidance",
+                "class_labels", "noise", "latency", "real_vs_real", "models", "kid_subset_size"):
+        assert p[key] is not None, key
+    assert p["feature_extractor"]["weights_sha256"] and p["reference"]["size"] == 1797
+    assert p["n_generated"] == 40 and p["resolution"] == 8 and p["seed"] == 0
+
+
+def test_bench_teacher_and_student(folders, cache, tmp_path):
+    out = tmp_path / "bench"
+    code = main(["bench", "--teacher", str(folders / "teacher"), "--teacher-nfe", "1,2",
+                 "--student", str(folders / "student"), "--out-dir", str(out), "--cache-dir", cache, *FAST])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results, [("teacher", "teacher"), ("student", "student")], [[1, 2], [2]])
+    teacher, student = results["models"]
+    # same labels, same noise, same network and sampler at NFE 2: the same images, so the same numbers
+    assert student["results"][0]["fid"] == pytest.approx(teacher["results"][1]["fid"], rel=1e-6)
+    assert student["results"][0]["kid_mean"] == pytest.approx(teacher["results"][1]["kid_mean"], rel=1e-6)
+    p = results["protocol"]
+    assert p["guidance"] == 1.0 and p["models"]["teacher"]["sampler"].startswith("DDIM")
+    assert p["models"]["student"]["nfe"] == [2] and p["class_labels"].startswith("sample i has class i % 10")
+    details = json.loads((out / "details.json").read_text())
+    assert {"precision", "recall", "isc_mean"} <= set(details["models"][0]["results"][0])
+    with Image.open(out / "nfe_vs_fid.png") as img:
+        assert img.width > 300
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids == ["student_nfe2.png", "teacher_nfe1.png", "teacher_nfe2.png"]
+
+
+def test_eval_one_model_same_schema(folders, cache, tmp_path, capsys):
+    out = tmp_path / "scores" / "student.json"
+    code = main(["eval", str(folders / "student"), "--out", str(out), "--cache-dir", cache,
+                 "--metrics", "fid,kid", *FAST])
+    assert code == 0
+    results = json.loads(out.read_text())
+    check_schema(results, [("student", "student")], [[2]])  # the student's own saved steps
+    assert (out.parent / "samples" / "student_nfe2.png").is_file()
+    assert "FID" in capsys.readouterr().out
+    # a teacher folder at explicit NFE, sampled with DDIM, guidance recorded
+    out2 = tmp_path / "teacher.json"
+    assert main(["eval", str(folders / "teacher"), "--nfe", "1", "--guidance", "2", "--out", str(out2),
+                 "--cache-dir", cache, "--metrics", "fid,kid", *FAST]) == 0
+    results = json.loads(out2.read_text())
+    check_schema(results, [("teacher", "teacher")], [[1]])
+    assert results["protocol"]["guidance"] == 2.0
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nowhere"), *FAST]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["bench", "--teacher", "none", *FAST]) == 2
+    assert "nothing to benchmark" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--nfe", "0", *FAST]) == 2
+    assert main(["bench", "--teacher", str(tmp_path), "--features", f"inception:{tmp_path / 'x.pth'}", *FAST]) == 2
+
+
+def test_eval_reads_the_steps_an_export_recorded(folders, cache, tmp_path):
+    """A student written by export_pipeline is evaluated at the steps in its stepdistill.json; with the same
+    network and DDIM-trailing timesteps it reproduces the teacher's numbers at that NFE."""
+    export = pytest.importorskip("stepdistill.pipelines.export")
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model
+
+    loaded = load_model(ModelConfig(source=str(folders / "teacher")))
+    folder = export.export_pipeline(loaded.denoiser, "ddim_trailing", tmp_path / "exported", steps=2,
+                                    base_scheduler=loaded.scheduler, num_classes=10)
+    out = tmp_path / "exported.json"
+    assert main(["eval", str(folder), "--out", str(out), "--cache-dir", cache, "--metrics", "fid,kid", *FAST]) == 0
+    student = json.loads(out.read_text())["models"][0]
+    assert student["kind"] == "student" and [r["nfe"] for r in student["results"]] == [2]
+    out2 = tmp_path / "teacher.json"
+    assert main(["eval", str(folders / "teacher"), "--nfe", "2", "--out", str(out2), "--cache-dir", cache,
+                 "--metrics", "fid,kid", *FAST]) == 0
+    teacher = json.loads(out2.read_text())["models"][0]
+    assert student["results"][0]["fid"] == pytest.approx(teacher["results"][0]["fid"], rel=1e-5)
