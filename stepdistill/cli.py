@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics.commands import add_parsers as add_metric_parsers
 
     add_metric_parsers(sub)  # eval, bench
+    from .pipelines.export import add_cli as add_export_parser
+
+    add_export_parser(sub)  # export
     return parser
 
 
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             from .metrics import commands
 
             return commands.run_eval(args) if args.command == "eval" else commands.run_bench(args)
+        if args.command == "export":
+            from .pipelines.export import run_cli
+
+            return run_cli(args)
     except user_errors() as exc:
         print(f"stepdistill: error: {exc}", file=sys.stderr)
         return 2

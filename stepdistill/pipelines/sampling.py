@@ -1,0 +1,139 @@
+"""How an exported student samples, written once in stepdistill's terms.
+
+A K-step student is defined by the scheduler it is exported with: :func:`student_timesteps` gives the timesteps
+that scheduler (with its saved config, inside the pipeline that will load it) runs for K steps — the ones the
+student must be trained at — and :func:`sample_student` runs the student's :class:`~stepdistill.Denoiser`
+through exactly the updates the pipeline's scheduler makes, so that trainers, evaluation and export agree on
+what "the student's samples" are. The round-trip tests check that an exported pipeline gives the same pixels.
+
+Updates (x_t = alpha_t x0 + sigma_t eps for VP; x = (1 - s) x0 + s eps for flow):
+
+- ``DDIMScheduler`` (eta = 0): ``x_prev = alpha_p x0 + sigma_p eps`` at ``prev = t - T // K`` (the scheduler's own
+  rule, which is the next listed timestep only on even grids); ``prev < 0`` gives x0 (``set_alpha_to_one``).
+- ``LCMScheduler`` (and :class:`~stepdistill.pipelines.schedulers.StudentLCMScheduler`): the boundary-condition
+  output ``c_skip x + c_out x0`` (``c_skip = s_d^2 / ((10 t)^2 + s_d^2)``, ``c_out = 10 t / sqrt((10 t)^2 + s_d^2)``,
+  ``s_d = 0.5``, 10 = ``timestep_scaling``), then fresh noise to the next listed timestep; the last step returns it.
+- ``FlowMatchEulerDiscreteScheduler``: Euler in sigma, ``x_next = x + (s_next - s) u``, ending at s = 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: pipelines that pass their own sigma grid (``linspace(1, 1/K, K)``) to a flow scheduler
+SIGMA_GRID_PIPELINES = ("FluxPipeline",)
+
+
+def _name(obj) -> str | None:
+    if obj is None or isinstance(obj, str):
+        return obj
+    return obj.__name__ if isinstance(obj, type) else type(obj).__name__
+
+
+def sampler_of(scheduler) -> str:
+    """The update rule of a scheduler: ``ddim``, ``lcm`` or ``flow_euler``; an error for anything else."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    if isinstance(scheduler, LCMScheduler):
+        return "lcm"
+    if isinstance(scheduler, DDIMScheduler):
+        return "ddim"
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return "flow_euler"
+    raise ValueError(f"stepdistill reproduces DDIMScheduler, LCMScheduler and FlowMatchEulerDiscreteScheduler "
+                     f"sampling; {type(scheduler).__name__} is not supported")
+
+
+def _fresh(scheduler):
+    return type(scheduler).from_config(scheduler.config)
+
+
+def student_timesteps(scheduler, num_steps: int, pipeline=None) -> list[float]:
+    """The timesteps ``pipeline`` runs with ``scheduler`` (its saved config) for ``num_steps`` steps.
+
+    This is the one definition of a K-step student's timesteps: train at these, export with this scheduler, and
+    the pipeline runs what was trained with nothing passed by hand. ``pipeline`` (class or name) matters only for
+    pipelines that hand the scheduler their own sigma grid (``FluxPipeline``: ``linspace(1, 1/K, K)``).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, not {num_steps}")
+    sched = _fresh(scheduler)
+    config = sched.config
+    if config.get("use_dynamic_shifting"):
+        raise ValueError("this flow scheduler uses dynamic shifting (use_dynamic_shifting=True), so its timesteps "
+                         "depend on the image size; export students with a fixed shift (use_dynamic_shifting=False)")
+    if _name(pipeline) in SIGMA_GRID_PIPELINES and not config.get("use_flow_sigmas"):
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
+    else:
+        sched.set_timesteps(num_steps)
+    return [float(t) for t in sched.timesteps]
+
+
+def lcm_scalings(t: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
+    """LCM's boundary-condition scalings ``(c_skip, c_out)`` at timestep ``t`` (as ``LCMScheduler``)."""
+    scaled = t * timestep_scaling
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / math.sqrt(scaled**2 + sigma_data**2)
+
+
+def _abar(scheduler, t: int) -> float:
+    """alpha-bar at an integer timestep, with the scheduler's convention below 0 (``final_alpha_cumprod``)."""
+    if t < 0:
+        return 1.0 if scheduler.config.get("set_alpha_to_one", True) else float(scheduler.alphas_cumprod[0])
+    return float(scheduler.alphas_cumprod[int(t)])
+
+
+@torch.no_grad()
+def sample_student(denoiser, scheduler, noise: torch.Tensor, num_steps: int, cond=None, *, guidance_scale=None,
+                   generator: torch.Generator | None = None, pipeline=None, timesteps=None) -> torch.Tensor:
+    """Sample ``denoiser`` from ``noise`` as the exported pipeline does with ``scheduler`` for ``num_steps`` steps.
+
+    ``cond`` / ``guidance_scale`` go to the Denoiser (CFG in the standard form; guidance-embedded students take
+    ``cond.guidance``). ``generator`` draws the fresh noise of multi-step LCM sampling, in the pipeline's order
+    (so the same seed gives the same images as the pipeline). Returns the final latents / images (float32).
+    """
+    sampler = sampler_of(scheduler)
+    ts = list(timesteps) if timesteps is not None else student_timesteps(scheduler, num_steps, pipeline)
+    x = noise.float() * float(getattr(_fresh(scheduler), "init_noise_sigma", 1.0))
+    n = x.shape[0]
+
+    def predict(x, t, output):
+        tt = torch.full((n,), float(t), device=x.device)
+        return denoiser(x, tt, cond, output=output, guidance_scale=guidance_scale).float()
+
+    if sampler == "flow_euler":
+        big_t = scheduler.config.num_train_timesteps
+        sigmas = [t / big_t for t in ts] + [0.0]
+        for i, t in enumerate(ts):
+            x = x + (sigmas[i + 1] - sigmas[i]) * predict(x, t, "flow")
+        return x
+    if sampler == "ddim":
+        step = scheduler.config.num_train_timesteps // len(ts)
+        for t in ts:
+            x0 = predict(x, t, "sample")
+            a_t = _abar(scheduler, int(t))
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            a_p = _abar(scheduler, int(t) - step)
+            x = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
+        return x
+    # lcm
+    scaling = scheduler.config.get("timestep_scaling", 10.0)
+    for i, t in enumerate(ts):
+        x0 = predict(x, t, "sample")
+        c_skip, c_out = lcm_scalings(float(t), scaling)
+        denoised = c_out * x0 + c_skip * x
+        if i == len(ts) - 1:
+            return denoised
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=denoised.dtype)
+        a_p = _abar(scheduler, int(ts[i + 1]))
+        x = math.sqrt(a_p) * denoised + math.sqrt(1 - a_p) * z
+    return x
+
+
+def noise_like_pipeline(shape, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+    """The initial noise a Diffusers pipeline draws (``randn_tensor`` on CPU) for ``shape``."""
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+
+
+__all__ = ["lcm_scalings", "noise_like_pipeline", "sample_student", "sampler_of", "student_timesteps"]
