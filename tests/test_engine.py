@@ -230,3 +230,21 @@ def test_lora_module_checkpoints_only_adapters(tiny_teacher_config):
     trainer.train()
     saved = load_file(str(trainer.checkpoint_root / "step_0000002" / "model.safetensors"))
     assert saved and all("lora" in k for k in saved)
+
+
+def test_periodic_eval_and_tensorboard_tracker(tiny_teacher_config):
+    from stepdistill.trainers import PeriodicEval
+
+    run = tiny_teacher_config(max_steps=4, trackers=["tensorboard"])
+    calls = []
+
+    def evaluate(trainer, step):
+        calls.append(step)
+        return {"score": float(step)}
+
+    trainer = teacher_trainer(run, [PeriodicEval(2, evaluate)])
+    trainer.train()
+    assert calls == [2, 4]
+    lines = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["eval/score"] for l in lines if "eval/score" in l] == [2.0, 4.0]
+    assert list(trainer.output_dir.rglob("events.out.tfevents.*"))

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .base import Objective, Phase
-from .engine import Callback, DistillTrainer, NonFiniteLoss, PeriodicEval, SampleGrid
+from .callbacks import Callback, PeriodicEval, SampleGrid
+from .engine import DistillTrainer, NonFiniteLoss
 
 METHODS: dict[str, type[Objective]] = {}
 

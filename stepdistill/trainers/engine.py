@@ -13,38 +13,11 @@ from ..config import RunConfig, config_hash, save_config, to_dict
 from ..data import ResumableBatches, save_grid
 from . import checkpoint as ckpt
 from .base import Objective
+from .callbacks import Callback, SampleGrid
 
 
 class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or inf; no checkpoint of the broken weights was written."""
-
-
-class Callback:
-    def on_step_end(self, trainer: "DistillTrainer", step: int) -> None: ...
-
-    def on_train_end(self, trainer: "DistillTrainer") -> None: ...
-
-
-class SampleGrid(Callback):
-    """Every ``every`` steps, a PNG grid of the (EMA) model's samples under ``OUTPUT/samples``."""
-
-    def __init__(self, every: int, num_samples: int = 64):
-        self.every, self.num_samples = every, num_samples
-
-    def on_step_end(self, trainer, step):
-        if self.every and step % self.every == 0:
-            trainer.save_samples(trainer.output_dir / "samples" / f"step_{step:07d}.png", self.num_samples)
-
-
-class PeriodicEval(Callback):
-    """Every ``every`` steps, ``fn(trainer, step) -> dict`` of metrics, logged like the losses."""
-
-    def __init__(self, every: int, fn):
-        self.every, self.fn = every, fn
-
-    def on_step_end(self, trainer, step):
-        if self.every and step % self.every == 0:
-            trainer.log(step, {f"eval/{k}": v for k, v in self.fn(trainer, step).items()})
 
 
 class DistillTrainer:
