@@ -45,9 +45,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """``digits`` (embedded), ``folder`` (``path`` to PNG/JPEG, optional class sub-folders), ``prompts``
-    (``path`` to a prompt file) or ``none`` (data-free methods)."""
+    (``path`` to a prompt file), ``pairs`` (``path`` to teacher pairs from ``stepdistill make-pairs``) or
+    ``none`` (data-free methods)."""
 
-    dataset: Literal["digits", "folder", "prompts", "none"] = "digits"
+    dataset: Literal["digits", "folder", "prompts", "pairs", "none"] = "digits"
     path: str | None = None
     resolution: int = 16
     channels: int = 1

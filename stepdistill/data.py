@@ -228,6 +228,12 @@ def build_dataset(cfg):
         if not cfg.path:
             raise DataError("data.dataset=folder needs data.path, a folder of PNG/JPEG images")
         return ImageFolder(cfg.path, cfg.resolution, cfg.channels)
+    if cfg.dataset == "pairs":
+        if not cfg.path:
+            raise DataError("data.dataset=pairs needs data.path, a folder written by `stepdistill make-pairs`")
+        from .pairs import PairDataset
+
+        return PairDataset(cfg.path)
     if cfg.dataset == "none":
         return None
     raise DataError(f"data.dataset={cfg.dataset!r} is not a training image set here; use digits, folder or none")

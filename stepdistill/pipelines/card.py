@@ -65,7 +65,7 @@ def render(info: dict, meta: dict) -> str:
         g = (f"classifier-free guidance at guidance_scale={guidance['guidance_scale']} (standard form uncond + s * "
              "(cond - uncond): two network evaluations per step, batched)")
     else:
-        g = "none: guidance is distilled into the student (guidance_scale=1.0 means no CFG)"
+        g = "none (guidance_scale=1.0: no classifier-free guidance, one network call per step)"
     ts = ", ".join(f"{t:g}" for t in info["timesteps"])
     loads = ("plain Diffusers (no stepdistill import)" if not info["needs_stepdistill"] else
              "stepdistill installed and `trust_remote_code=True` (the folder's one-line shim imports the installed "

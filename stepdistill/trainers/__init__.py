@@ -33,7 +33,37 @@ def build_trainer(run, callbacks=()) -> DistillTrainer:
     return DistillTrainer(objective, data, run, callbacks)
 
 
-from .teacher import DenoisingObjective, TeacherTrainer  # noqa: E402  (registers "teacher")
+class _NamedTrainer:
+    """A method bound to the one loop, for users who look for trainer names: ``DMD2Trainer(run).train()``."""
 
-__all__ = ["Callback", "DenoisingObjective", "DistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
+    method = ""
+
+    def __init__(self, run, callbacks=()):
+        from ..config import ConfigError
+
+        if run.method != self.method:
+            raise ConfigError(f"{type(self).__name__} trains method {self.method!r}; the config says {run.method!r}")
+        self.trainer = build_trainer(run, callbacks)
+        self.objective = self.trainer.objective
+
+    def train(self, resume: str | None = "latest"):
+        return self.trainer.train(resume)
+
+
+class TeacherTrainer(_NamedTrainer):
+    method = "teacher"
+
+
+class DMDTrainer(_NamedTrainer):
+    method = "dmd"
+
+
+class DMD2Trainer(_NamedTrainer):
+    method = "dmd2"
+
+
+from .dmd import DMDObjective, DMDv1Objective  # noqa: E402  (registers "dmd2", "dmd")
+from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
+
+__all__ = ["Callback", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DenoisingObjective", "DistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]

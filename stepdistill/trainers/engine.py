@@ -173,14 +173,13 @@ class DistillTrainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective.name or "train",
                        dynamic_ncols=True)
-        tick, images = time.perf_counter(), 0
+        tick, images, logs = time.perf_counter(), 0, {}
         try:
             while self.step < cfg.max_steps:
                 step = self.step
-                logs = {}
                 for phase in self.phases:
                     if step % self.config.optim[phase.name].every == 0:
-                        logs.update(self._run_phase(phase, step))
+                        logs.update(self._run_phase(phase, step))  # the latest value of every term
                         images += cfg.batch_size * cfg.grad_accum * acc.num_processes
                 self._restore_modules()
                 if self.ema is not None and any(self.objective.ema_module in p.modules for p in self.phases

@@ -137,15 +137,3 @@ class DenoisingObjective(Objective):
                           base_folder=self.source_folder, num_classes=self.num_classes, timesteps=trained,
                           meta=dict(self.meta))
 
-
-class TeacherTrainer:
-    """``TeacherTrainer(run_config).train()``: the denoising objective on the one loop."""
-
-    def __init__(self, run, callbacks=()):
-        from . import build_trainer
-
-        self.trainer = build_trainer(run, callbacks)
-        self.objective = self.trainer.objective
-
-    def train(self, resume="latest"):
-        return self.trainer.train(resume)

@@ -1,0 +1,305 @@
+"""Distribution matching distillation: DMD (Yin et al. 2024) and DMD2 (Yin et al. 2024b).
+
+The math is in module-level functions; ``DMDObjective`` binds them to a generator (the student), a frozen
+teacher (the real score), a fake score trained on the generator's samples and, for DMD2, a discriminator head
+on the fake score's bottleneck.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import Cond
+from ..denoiser import Denoiser
+from ..models import load_model
+from . import register
+from .base import Objective, Phase
+from .teacher import denoising_loss
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """The distribution-matching gradient of DMD (Eq. 7) with DMD2's per-sample normaliser:
+
+    ``grad = (p_real - p_fake) / mean_{C,H,W} |p_real|`` with ``p_real = x - x0_real``, ``p_fake = x - x0_fake``,
+    i.e. ``(x0_fake - x0_real) / mean|x - x0_real|`` (s_fake - s_real, scaled per sample). Float32, NaNs zeroed.
+    """
+    x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
+    p_real, p_fake = x - x0_real, x - x0_fake
+    norm = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True) + eps
+    return torch.nan_to_num((p_real - p_fake) / norm)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 * mse(x, sg(x - grad))``: its gradient with respect to x is ``grad / x.numel()`` (DMD2 code)."""
+    return 0.5 * F.mse_loss(x.float(), (x.float() - grad).detach())
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """``mean(sqrt((a - b)^2 + c^2) - c)`` elementwise (the regression distance when LPIPS is not used)."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss ``softplus(-D(G(z)))`` (DMD2)."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``softplus(D(fake)) + softplus(-D(real))`` (DMD2's classifier loss)."""
+    return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
+
+
+def soft_clamp(x: torch.Tensor, limit: float | None) -> torch.Tensor:
+    return x if not limit else limit * torch.tanh(x / limit)
+
+
+class DiscriminatorHead(torch.nn.Module):
+    """A small head on bottleneck features: conv (or linear for token features), GroupNorm, SiLU, 1 channel,
+    averaged over positions -> one logit per sample."""
+
+    def __init__(self, channels: int, tokens: bool = False):
+        super().__init__()
+        self.tokens = tokens
+        if tokens:
+            self.net = torch.nn.Sequential(torch.nn.LayerNorm(channels), torch.nn.Linear(channels, channels),
+                                           torch.nn.SiLU(), torch.nn.Linear(channels, 1))
+        else:
+            groups = 32 if channels % 32 == 0 else 1
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1),
+                                           torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+                                           torch.nn.Conv2d(channels, 1, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class DMDConfig:
+    student_steps: int = 1  # K: the student's steps (backward simulation when K > 1)
+    recipe: Literal["lcm", "lcm_uniform"] = "lcm_uniform"  # the scheduler the student is exported with
+    real_guidance_scale: float = 1.0  # teacher CFG, standard form (DMD2: SD1.5 1.75, SDXL 8)
+    dm_t_min: float = 0.02  # DM timesteps ~ U[t_min, t_max] * T (DMD2: 0.02, 0.98)
+    dm_t_max: float = 0.98
+    dm_weight: float = 1.0
+    regression_weight: float = 0.0  # DMD: weight of the regression loss on teacher (noise, image) pairs
+    regression_distance: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    huber_c: float = 0.03
+    gan_weight_gen: float = 0.0  # DMD2: generator GAN weight (SDXL 5e-3, SD1.5 1e-3, ImageNet 3e-3)
+    gan_weight_disc: float = 0.0  # DMD2: discriminator (classifier) weight 1e-2
+    gan_t_max: float = 1.0  # diffusion GAN: real and fake images noised at t ~ U[0, gan_t_max * T]
+    output_clamp: float | None = None  # soft clamp c*tanh(x/c) of the generator's images
+    label_dropout: float = 0.0  # the fake score's own CFG dropout (DMD2 trains it conditionally)
+
+    def validate(self):
+        from ..config import ConfigError
+
+        if self.student_steps < 1:
+            raise ConfigError(f"objective.student_steps must be >= 1, not {self.student_steps}")
+        if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
+            raise ConfigError("objective.dm_t_min and dm_t_max must satisfy 0 <= dm_t_min < dm_t_max <= 1")
+        if (self.gan_weight_gen > 0) != (self.gan_weight_disc > 0):
+            raise ConfigError("set both objective.gan_weight_gen and objective.gan_weight_disc (or neither)")
+
+
+# ------------------------------------------------------------------------------------------------ objective
+@register
+class DMDObjective(Objective):
+    """DMD / DMD2 on the one loop. Phases: ``generator`` (every ``optim.generator.every`` steps: the two
+    time-scale update rule) and ``critic`` (fake score and discriminator head, every step)."""
+
+    name = "dmd2"
+    Config = DMDConfig
+    ema_module = "generator"
+
+    def __init__(self, config: DMDConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
+                 resolution: int, channels: int):
+        super().__init__(config)
+        from ..pipelines import get_recipe
+
+        self.teacher = teacher.freeze()
+        self.teacher_scheduler = teacher_scheduler
+        self.generator = teacher.clone(trainable=True)
+        self.fake_score = teacher.clone(trainable=True)
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        self.schedule = teacher.schedule
+        self.recipe = get_recipe(config.recipe, config.student_steps)
+        self.timesteps = self.recipe.timesteps_for(teacher_scheduler, teacher.prediction_type)
+        self.disc_head = None
+        if config.gan_weight_disc > 0:
+            feats = self._features(self.fake_score, torch.zeros(1, channels, resolution, resolution),
+                                   torch.tensor([500.0]), self._random_cond(1, torch.device("cpu")))
+            self.disc_head = DiscriminatorHead(feats.shape[-1] if feats.ndim == 3 else feats.shape[1],
+                                               tokens=feats.ndim == 3)
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def phase_names(cls, config):
+        return ["generator", "critic"]
+
+    @classmethod
+    def optim_defaults(cls, config):
+        # DMD2: AdamW (0.9, 0.999), generator every 5th step, grad clip 10
+        return {"generator": {"lr": 2e-6, "every": 5, "max_grad_norm": 10.0, "lr_schedule": "constant"},
+                "critic": {"lr": 2e-6, "max_grad_norm": 10.0, "lr_schedule": "constant"}}
+
+    @classmethod
+    def from_config(cls, run, data=None) -> "DMDObjective":
+        from ..config import ConfigError
+
+        loaded = load_model(run.model)
+        cfg = run.objective
+        has_images = data is not None and len(data) > 0 and "image" in data[0]
+        if cfg.gan_weight_disc > 0 and not has_images:
+            raise ConfigError("the GAN term (objective.gan_weight_*) needs real images: set data.dataset to "
+                              "digits or folder, or set the GAN weights to 0")
+        if cfg.regression_weight > 0 and (data is None or "noise" not in data[0]):
+            raise ConfigError("the regression loss (objective.regression_weight) needs teacher (noise, image) "
+                              "pairs: run `stepdistill make-pairs` and set data.dataset=pairs, data.path=DIR")
+        num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
+        return cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, run.data.channels)
+
+    def phases(self):
+        critic = ("fake_score",) + (("disc_head",) if self.disc_head is not None else ())
+        return [Phase("generator", ("generator",)), Phase("critic", critic)]
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _random_cond(self, n: int, device) -> Cond:
+        if self.num_classes:
+            return Cond(class_labels=torch.randint(0, self.num_classes, (n,), device=device))
+        return Cond()
+
+    def _cond(self, batch: dict, n: int, device) -> Cond:
+        cond = Cond.from_batch(batch)
+        return cond if cond.batch_size else self._random_cond(n, device)
+
+    @staticmethod
+    def _features(score, x, t, cond):
+        return score(x, t, cond, return_features=True)[1]
+
+    def _generate(self, noise: torch.Tensor, cond: Cond, grad: bool = True) -> torch.Tensor:
+        """The student's sample: backward simulation through its own K-step schedule (DMD2 Sec. 4.5) — a
+        random number of no-grad steps (x0, re-noised with fresh noise), then one step with gradients."""
+        from ..pipelines.sampling import lcm_scalings
+
+        ts = self.timesteps
+        stop = int(torch.randint(0, len(ts), ())) if grad else len(ts) - 1
+        x = noise
+        scaling = self.recipe.scheduler_config.get("timestep_scaling", 10.0)
+        for i in range(stop + 1):
+            t = torch.full((x.shape[0],), ts[i], device=x.device)
+            with torch.set_grad_enabled(grad and i == stop):
+                c_skip, c_out = lcm_scalings(ts[i], scaling)
+                x0 = c_out * soft_clamp(self.generator(x, t, cond), self.config.output_clamp) + c_skip * x
+            if i < stop:
+                x = self.schedule.add_noise(x0.detach(), torch.randn_like(x0), ts[i + 1])
+        return x0
+
+    # --- losses ------------------------------------------------------------------------------------
+    def loss(self, phase, batch, step):
+        device = self.device
+        n = batch["batch_size"]
+        cond = self._cond(batch, n, device)
+        shape = (n, self.channels, self.resolution, self.resolution)
+        if phase == "generator":
+            return self._generator_loss(batch, cond, shape, device)
+        return self._critic_loss(batch, cond, shape, device)
+
+    def _generator_loss(self, batch, cond, shape, device):
+        cfg, logs, total = self.config, {}, 0.0
+        x = self._generate(torch.randn(shape, device=device), cond)
+        big_t = self.schedule.num_train_timesteps
+        t = torch.randint(int(cfg.dm_t_min * big_t), int(cfg.dm_t_max * big_t) + 1, (shape[0],), device=device)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t.float())
+            x0_fake = self.fake_score(x_t, t, cond)
+            x0_real = self.teacher(x_t, t, cond, guidance_scale=cfg.real_guidance_scale)
+            grad = dmd_gradient(x.detach(), x0_real, x0_fake)
+        logs["dm"] = dmd_loss(x, grad)
+        total = cfg.dm_weight * logs["dm"]
+        if cfg.regression_weight > 0:
+            pair_cond = Cond.from_batch(batch)
+            pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
+            dist = (pseudo_huber(pred, batch["image"], cfg.huber_c) if cfg.regression_distance == "pseudo_huber"
+                    else F.mse_loss(pred.float(), batch["image"].float()))
+            logs["regression"] = dist
+            total = total + cfg.regression_weight * dist
+        if self.disc_head is not None:
+            t_gan = self._gan_t(shape[0], device)
+            noisy = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
+            logs["gan"] = gan_generator_loss(self.disc_head(self._features(self.fake_score, noisy, t_gan, cond)))
+            total = total + cfg.gan_weight_gen * logs["gan"]
+        return total, {k: v.detach() for k, v in logs.items()}
+
+    def _gan_t(self, n, device):
+        return torch.randint(0, int(self.config.gan_t_max * (self.schedule.num_train_timesteps - 1)) + 1, (n,),
+                             device=device).float()
+
+    def _critic_loss(self, batch, cond, shape, device):
+        cfg = self.config
+        with torch.no_grad():
+            x = self._generate(torch.randn(shape, device=device), cond, grad=False)
+        fake_cond = cond
+        if cfg.label_dropout > 0 and cond.class_labels is not None:
+            drop = torch.rand(shape[0], device=device) < cfg.label_dropout
+            fake_cond = Cond(class_labels=torch.where(drop, torch.full_like(cond.class_labels, self.num_classes),
+                                                      cond.class_labels))
+        t = self.schedule.sample_t(shape[0], "uniform", device=device)
+        noise = torch.randn_like(x)
+        x_t = self.schedule.add_noise(x, noise, t)
+        ptype = self.teacher.prediction_type
+        pred = self.fake_score(x_t, t, fake_cond, output=ptype)
+        logs = {"fake_score": denoising_loss(pred, x, noise, x_t, t, self.schedule, ptype)}
+        total = logs["fake_score"]
+        if self.disc_head is not None:
+            real = batch["image"]
+            t_gan = self._gan_t(shape[0], device)
+            real_cond = Cond.from_batch(batch)
+            noisy_fake = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
+            noisy_real = self.schedule.add_noise(real, torch.randn_like(real), t_gan)
+            logits_fake = self.disc_head(self._features(self.fake_score, noisy_fake, t_gan, cond))
+            logits_real = self.disc_head(self._features(self.fake_score, noisy_real, t_gan, real_cond))
+            logs["disc"] = gan_discriminator_loss(logits_real, logits_fake)
+            total = total + cfg.gan_weight_disc * logs["disc"]
+        return total, {k: v.detach() for k, v in logs.items()}
+
+    # --- sampling and export -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch, generator=None):
+        n = batch["batch_size"]
+        device = self.device
+        cond = Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes else Cond()
+        noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
+        return self._generate(noise, cond, grad=False).clamp(-1, 1)
+
+    def save_pretrained(self, directory):
+        from ..models import save_model
+
+        save_model(self.generator, self.teacher_scheduler, directory,
+                   {"num_classes": self.num_classes, "resolution": self.resolution, "channels": self.channels,
+                    "student_steps": self.config.student_steps, "timesteps": self.timesteps})
+
+    def export_spec(self):
+        from ..pipelines.export import ExportSpec
+
+        return ExportSpec(student=self.generator, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
+                          method=self.name, num_classes=self.num_classes, timesteps=self.timesteps,
+                          meta={"resolution": self.resolution, "channels": self.channels})
+
+
+@register
+class DMDv1Objective(DMDObjective):
+    """DMD (v1): distribution matching plus the regression loss on teacher pairs; generator every step."""
+
+    name = "dmd"
+
+    @classmethod
+    def optim_defaults(cls, config):
+        defaults = super().optim_defaults(config)
+        defaults["generator"] = {**defaults["generator"], "every": 1}
+        return defaults
+

@@ -1,0 +1,138 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stepdistill.config import ConfigError, resolve
+from stepdistill.trainers import build_trainer
+from stepdistill.trainers.dmd import (dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss,
+                                      pseudo_huber)
+from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
+
+
+# ------------------------------------------------------------------------------------------- the formulas
+def test_dmd_gradient_is_per_sample_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x, real, fake = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    grad = dmd_gradient(x, real, fake)
+    for i in range(3):  # (p_real - p_fake) / mean|p_real|, p = x - x0, one normaliser per sample
+        p_real, p_fake = x[i] - real[i], x[i] - fake[i]
+        torch.testing.assert_close(grad[i].double(), (p_real - p_fake) / p_real.abs().mean(), rtol=1e-5, atol=1e-6)
+    scaled = real.clone()
+    scaled[1] = x[1] - 10 * (x[1] - real[1])  # change sample 1 only: the others keep their gradient
+    other = dmd_gradient(x, scaled, fake)
+    torch.testing.assert_close(other[0], grad[0]) and torch.testing.assert_close(other[2], grad[2])
+    assert not torch.allclose(other[1], grad[1])
+
+
+def test_dmd_loss_gradient_is_the_dmd_gradient():
+    x = torch.randn(2, 1, 4, 4, requires_grad=True)
+    grad = torch.randn(2, 1, 4, 4)
+    dmd_loss(x, grad).backward()
+    torch.testing.assert_close(x.grad, grad / x.numel())
+
+
+def test_gan_losses_and_pseudo_huber_match_their_formulas():
+    real, fake = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(gan_generator_loss(fake), torch.log1p(torch.exp(-fake)).mean())
+    torch.testing.assert_close(gan_discriminator_loss(real, fake),
+                               torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean())
+    a, b = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(pseudo_huber(a, b, 0.03), ((a - b) ** 2 + 0.03**2).sqrt().sub(0.03).mean())
+    assert float(pseudo_huber(a, a, 0.5)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- the objective
+@pytest.fixture
+def teacher_folder(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.models import save_model
+    from stepdistill.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
+    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
+    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
+
+
+def dmd_run(tmp_path, teacher_folder, **objective):
+    raw = tiny_teacher_raw(tmp_path / "dmd", max_steps=4)
+    raw["method"] = "dmd2"
+    raw["model"] = {"source": str(teacher_folder)}
+    raw["optim"] = {"generator": {"lr": 1e-3, "every": 2}, "critic": {"lr": 1e-3}}
+    raw["objective"] = {"gan_weight_gen": 1e-2, "gan_weight_disc": 1e-2, **objective}
+    return resolve(raw)
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_dmd2_ttur_updates_generator_only_on_its_steps(tmp_path, teacher_folder):
+    from stepdistill.trainers import Callback
+
+    seen = []
+
+    class Record(Callback):
+        def on_step_end(self, trainer, step):
+            o = trainer.objective
+            seen.append((step, weights(o.generator), weights(o.fake_score), weights(o.disc_head)))
+
+    trainer = build_trainer(dmd_run(tmp_path, teacher_folder), [Record()])
+    teacher0 = weights(trainer.objective.teacher)
+    prev = (weights(trainer.objective.generator), weights(trainer.objective.fake_score))
+    trainer.train(resume=None)
+    for step, gen, fake, head in seen:
+        changed_gen = any(not torch.equal(gen[k], prev[0][k]) for k in gen)
+        assert changed_gen == ((step - 1) % 2 == 0), step  # generator every 2nd step (TTUR)
+        assert any(not torch.equal(fake[k], prev[1][k]) for k in fake)  # critic every step
+        prev = (gen, fake)
+    assert all(torch.equal(v, teacher0[k]) for k, v in weights(trainer.objective.teacher).items())
+    import json
+
+    logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"generator/dm", "generator/gan", "critic/fake_score", "critic/disc"} <= set(logs[-1])
+
+
+def test_four_step_student_trains_at_its_export_timesteps(tmp_path, teacher_folder):
+    trainer = build_trainer(dmd_run(tmp_path, teacher_folder, student_steps=4))
+    o = trainer.objective
+    assert o.timesteps == [999.0, 749.0, 499.0, 249.0]
+    calls = []
+    hook = o.generator.backbone.register_forward_pre_hook(lambda m, args: calls.append(float(args[1][0])))
+    torch.manual_seed(3)
+    o._generate(torch.randn(2, 1, 8, 8), o._random_cond(2, torch.device("cpu")))
+    hook.remove()
+    assert calls == o.timesteps[:len(calls)] and 1 <= len(calls) <= 4  # backward simulation from t=999
+
+
+def test_one_step_export_reproduces_the_generator(tmp_path, teacher_folder):
+    from stepdistill.pipelines import ClassConditionalPipeline, export_pipeline
+
+    trainer = build_trainer(dmd_run(tmp_path, teacher_folder))
+    o = trainer.objective
+    folder = export_pipeline(o.export_spec(), None, tmp_path / "export")
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2, 3])
+    images = pipe(class_labels=labels, latents=noise, output_type="pt").images
+    from stepdistill import Cond
+
+    with torch.no_grad():
+        direct = o._generate(noise, Cond(class_labels=labels), grad=False)
+    torch.testing.assert_close(images, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
+    raw_run = dmd_run(tmp_path, teacher_folder)
+    with pytest.raises(ConfigError, match="needs real images"):
+        run = dmd_run(tmp_path, teacher_folder)
+        run.data.dataset = "none"
+        build_trainer(run)
+    with pytest.raises(ConfigError, match="make-pairs"):
+        build_trainer(dmd_run(tmp_path, teacher_folder, regression_weight=1.0))
+    with pytest.raises(ConfigError, match="gan_weight_gen and objective.gan_weight_disc"):
+        dmd_run(tmp_path, teacher_folder, gan_weight_gen=0.0)
+    assert raw_run.optim["generator"].every == 2
