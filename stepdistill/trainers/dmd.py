@@ -210,16 +210,9 @@ class DMDObjective(Objective):
         return self._critic_loss(batch, cond, shape, device)
 
     def _generator_loss(self, batch, cond, shape, device):
-        cfg, logs, total = self.config, {}, 0.0
+        cfg = self.config
         x = self._generate(torch.randn(shape, device=device), cond)
-        big_t = self.schedule.num_train_timesteps
-        t = torch.randint(int(cfg.dm_t_min * big_t), int(cfg.dm_t_max * big_t) + 1, (shape[0],), device=device)
-        with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t.float())
-            x0_fake = self.fake_score(x_t, t, cond)
-            x0_real = self.teacher(x_t, t, cond, guidance_scale=cfg.real_guidance_scale)
-            grad = dmd_gradient(x.detach(), x0_real, x0_fake)
-        logs["dm"] = dmd_loss(x, grad)
+        logs = self.distribution_matching(x, cond)
         total = cfg.dm_weight * logs["dm"]
         if cfg.regression_weight > 0:
             pair_cond = Cond.from_batch(batch)
@@ -234,6 +227,22 @@ class DMDObjective(Objective):
             logs["gan"] = gan_generator_loss(self.disc_head(self._features(self.fake_score, noisy, t_gan, cond)))
             total = total + cfg.gan_weight_gen * logs["gan"]
         return total, {k: v.detach() for k, v in logs.items()}
+
+    def dm_timesteps(self, n: int, device) -> torch.Tensor:
+        big_t = self.schedule.num_train_timesteps
+        cfg = self.config
+        return torch.randint(int(cfg.dm_t_min * big_t), int(cfg.dm_t_max * big_t) + 1, (n,), device=device).float()
+
+    def distribution_matching(self, x: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
+        """The generator's distribution-matching term ``{"dm": loss, ...}`` for its samples ``x`` (with grad).
+        Variants (f-distill, decoupled DMD) override this; the rest of the objective stays DMD2's."""
+        t = self.dm_timesteps(x.shape[0], x.device)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
+            x0_fake = self.fake_score(x_t, t, cond)
+            x0_real = self.teacher(x_t, t, cond, guidance_scale=self.config.real_guidance_scale)
+            grad = dmd_gradient(x.detach(), x0_real, x0_fake)
+        return {"dm": dmd_loss(x, grad)}
 
     def _gan_t(self, n, device):
         return torch.randint(0, int(self.config.gan_t_max * (self.schedule.num_train_timesteps - 1)) + 1, (n,),
