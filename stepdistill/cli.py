@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipelines.export import add_cli as add_export_parser
 
     add_export_parser(sub)  # export
+    from .pairs import add_cli as add_pairs_parser
+
+    add_pairs_parser(sub)  # make-pairs
     return parser
 
 
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             from .pipelines.export import run_cli
 
             return run_cli(args)
+        if args.command == "make-pairs":
+            from .pairs import run_cli as run_make_pairs
+
+            return run_make_pairs(args)
     except user_errors() as exc:
         print(f"stepdistill: error: {exc}", file=sys.stderr)
         return 2
