@@ -46,7 +46,9 @@ class ModelConfig:
 class DataConfig:
     """``digits`` (embedded), ``folder`` (``path`` to PNG/JPEG, optional class sub-folders), ``prompts``
     (``path`` to a prompt file), ``pairs`` (``path`` to teacher pairs from ``stepdistill make-pairs``) or
-    ``none`` (data-free methods)."""
+    ``none`` (data-free methods). For a latent teacher ``resolution`` is the LATENT resolution (SD 1.5 at 512 px:
+    64); ``prompts`` are encoded by the teacher's own text encoders, and images a ``.jsonl`` names are read at
+    ``resolution`` times the VAE's factor and served as latents. ``channels`` are image channels (digits, folder)."""
 
     dataset: Literal["digits", "folder", "prompts", "pairs", "none"] = "digits"
     path: str | None = None

@@ -218,8 +218,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return path
 
 
-def build_dataset(cfg):
-    """The data set a :class:`~stepdistill.config.DataConfig` names (None for ``dataset: none``)."""
+def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
+    """The data set a :class:`~stepdistill.config.DataConfig` names (None for ``dataset: none``).
+
+    ``prompts`` needs the teacher (``model_cfg``): its own text encoders encode the prompts (cached in
+    ``cache_dir``), see :func:`prompt_dataset`.
+    """
+    if cfg.dataset == "prompts":
+        return prompt_dataset(cfg, model_cfg, cache_dir)
     if cfg.dataset == "digits":
         if cfg.channels != 1:
             raise DataError("the digits are grayscale: set data.channels=1")
@@ -236,7 +242,8 @@ def build_dataset(cfg):
         return PairDataset(cfg.path)
     if cfg.dataset == "none":
         return None
-    raise DataError(f"data.dataset={cfg.dataset!r} is not a training image set here; use digits, folder or none")
+    raise DataError(f"data.dataset={cfg.dataset!r} is not a training data set here; use digits, folder, prompts, "
+                    "pairs or none")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -509,6 +516,39 @@ class PromptDataset(torch.utils.data.Dataset):
         elif self.image_paths is not None:
             item["image"] = load_image(self.image_paths[i], self.resolution, self.channels)
         return item
+
+
+def prompt_dataset(cfg, model_cfg, cache_dir: str | Path | None = None) -> "PromptDataset":
+    """``data.dataset: prompts``: the prompt file ``data.path`` encoded by the teacher's own text encoders.
+
+    Batches carry ``encoder_hidden_states`` (and ``pooled``, ``time_ids``, ``encoder_attention_mask`` as the
+    family has them), which ``Cond.from_batch`` reads. When a ``.jsonl`` names images (real data, e.g. for a GAN
+    term) and the teacher has a VAE, the images are read at ``data.resolution`` times the VAE's scale factor
+    (``data.resolution`` is the LATENT resolution of a latent teacher) and served as their VAE latents (the
+    posterior mean), cached in ``cache_dir``; without a VAE they are pixels at ``data.resolution``.
+    """
+    from .models import load_vae, prompt_encoder_for, teacher_folder, vae_scale_factor
+
+    if not cfg.path:
+        raise DataError("data.dataset=prompts needs data.path, a prompt file (.txt with one prompt per line, or "
+                        f".jsonl with lines like {_JSONL_EXAMPLE})")
+    encoder = prompt_encoder_for(model_cfg, cfg.resolution) if model_cfg is not None else None
+    if encoder is None:
+        raise DataError("data.dataset=prompts encodes the prompts with the teacher's text encoders, but the teacher "
+                        f"({getattr(model_cfg, 'source', None)!r}) is not a Diffusers pipeline folder with text "
+                        "encoders (model_index.json with tokenizer/text_encoder)")
+    vae = None
+    resolution, channels = cfg.resolution, cfg.channels
+    records = read_prompts(cfg.path)
+    if any(r.image is not None for r in records):
+        vae = load_vae(model_cfg)
+        if vae is not None:
+            resolution = cfg.resolution * vae_scale_factor(teacher_folder(model_cfg))
+            channels = int(_config_value(vae.config, "in_channels") or 3)
+    data = PromptDataset(records, encoder, cache_dir, resolution=resolution, channels=channels)
+    if vae is not None:
+        data.with_latents(vae, cache_path=Path(cache_dir) / "latents" if cache_dir is not None else None)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -122,6 +122,69 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(_make_denoiser(backbone, scheduler, cfg, meta), scheduler, folder, meta)
 
 
+def teacher_folder(cfg: ModelConfig) -> Path | None:
+    """The local folder ``cfg.source`` names (None for a model built from ``cfg.backbone``)."""
+    if cfg.backbone or not cfg.source:
+        return None
+    return _local_folder(cfg.source, cfg.revision)
+
+
+def _index(folder: Path | None) -> dict:
+    path = folder / "model_index.json" if folder is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def vae_scale_factor(folder: Path) -> int:
+    """Pixels per latent of a pipeline folder's VAE (``2 ** (len(block_out_channels) - 1)``, as pipelines do)."""
+    config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    return 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+
+
+def prompt_encoder_for(cfg: ModelConfig, resolution: int | None = None):
+    """The teacher's own :class:`~stepdistill.conditioning.PromptEncoder` — lazy: nothing is loaded until a prompt
+    must be encoded — or None when ``cfg.source`` is not a Diffusers pipeline folder with text encoders.
+
+    ``resolution`` is the (latent) training resolution; SDXL's ``time_ids`` get the pixel size, ``resolution``
+    times the VAE's scale factor. The text encoders run in ``cfg.dtype``, like the teacher.
+    """
+    from .conditioning import TEXT_COMPONENTS, PromptEncoder, prompt_family
+
+    folder = teacher_folder(cfg)
+    index = _index(folder)
+    if not any(isinstance(index.get(n), list) and index[n][0] is not None
+               for n in TEXT_COMPONENTS if n.startswith("text_encoder")):
+        return None
+    family = prompt_family(str(index.get("_class_name", "")))
+    if family is None:
+        raise ModelLoadError(f"{folder} has text encoders, but stepdistill does not know how a "
+                             f"{index.get('_class_name')} encodes prompts")
+    options = {}
+    if family == "sdxl" and resolution and (folder / "vae" / "config.json").is_file():
+        options["size"] = int(resolution) * vae_scale_factor(folder)
+    try:
+        return PromptEncoder.from_pretrained(folder, family, torch_dtype=DTYPES[cfg.dtype], variant=cfg.variant,
+                                             **options)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot encode prompts with the text encoders of {folder}: {exc}") from exc
+
+
+def text_null_cond(cfg: ModelConfig, cache_dir=None, resolution: int | None = None):
+    """The teacher's unconditional (CFG) condition — the encoded empty prompt, as its pipeline makes it — or
+    None for a teacher without text encoders. Cached in ``cache_dir`` (a later run loads no text encoder)."""
+    encoder = prompt_encoder_for(cfg, resolution)
+    return None if encoder is None else encoder.null(cache_dir).to("cpu")
+
+
+def load_vae(cfg: ModelConfig):
+    """The VAE of the teacher's pipeline folder (``vae/``), or None when it has none (pixel-space teachers)."""
+    folder = teacher_folder(cfg)
+    if folder is None or not (folder / "vae" / "config.json").is_file():
+        return None
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    cls = _diffusers_class(config.get("_class_name", "AutoencoderKL"), "VAE")
+    return cls.from_pretrained(folder / "vae", torch_dtype=DTYPES[cfg.dtype], variant=cfg.variant).eval()
+
+
 def build_model(cfg: ModelConfig, meta: dict | None = None) -> LoadedModel:
     """A new, randomly initialised backbone and scheduler from their configs (teacher training)."""
     cls = _diffusers_class(cfg.backbone, "model.backbone")

@@ -198,7 +198,8 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
         guidance = config.get("guidance_scale") if guidance is None else guidance
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     num_classes = None
-    if cls_name == "ClassConditionalPipeline" and denoiser is not None and denoiser.config.get("num_class_embeds"):
+    # ClassConditionalPipeline and its subclasses (MultiStudentPipeline)
+    if isinstance(pipe, ClassConditionalPipeline) and denoiser is not None and denoiser.config.get("num_class_embeds"):
         null = meta.get("num_classes", config.get("null_class"))
         num_classes = int(null) if null is not None else int(denoiser.config.num_class_embeds)
     default = [int(s) for s in (steps if isinstance(steps, list) else [steps])] if steps else []

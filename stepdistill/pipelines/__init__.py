@@ -9,6 +9,9 @@ import importlib
 
 _EXPORTS = {
     "ClassConditionalPipeline": "class_conditional",
+    "MultiStudentPipeline": "multi_student",
+    "MultiStudentUNet": "multi_student",
+    "MultiStudentSpec": "multi_student",
     "StudentLCMScheduler": "schedulers",
     "Recipe": "recipes",
     "RECIPES": "recipes",

@@ -227,8 +227,8 @@ def _check_fit(student: Denoiser, recipe: Recipe, pipeline: str, scheduler, time
                           f"student predicts {student.prediction_type!r}")
     if pipeline in ("StableDiffusion3Pipeline", "FluxPipeline") and kind != "flow":
         raise ExportError(f"{pipeline} runs flow-matching models; this student has a VP schedule")
-    if kind == "flow" and recipe.sampler != "flow_euler":
-        raise ExportError(f"a flow-matching student needs the flow_euler recipe, not {recipe.name!r}")
+    if kind == "flow" and recipe.sampler not in ("flow_euler", "flow_lcm"):
+        raise ExportError(f"a flow-matching student needs the flow_euler or flow_lcm recipe, not {recipe.name!r}")
     if kind == "vp" and student.prediction_type == "epsilon":
         abar = float(scheduler.alphas_cumprod[int(timesteps[0])])
         if abar <= 0:
@@ -462,6 +462,8 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     can load LoRA), ``fused`` or ``both`` (the fused pipeline in ``fused/``). ``variants``: ``fp16`` / ``bf16``.
     ``timesteps``: the timesteps the student was trained at; export fails if the pipeline would run others.
     """
+    if hasattr(student, "export_to"):  # a spec that writes its own folder (multi_student.MultiStudentSpec)
+        return student.export_to(out_dir, overwrite=overwrite, variants=variants, lora_format=lora_format)
     spec = _resolve_spec(student, recipe, base_scheduler=base_scheduler, base_folder=base_folder, method=method,
                          base_model=base_model, training_steps=training_steps, metrics=metrics, config=config,
                          meta=meta, num_classes=num_classes, image_size=image_size, timesteps=timesteps,

@@ -11,12 +11,15 @@ recipe             scheduler (on the teacher's noise schedule)     typical stude
 ``lcm_uniform``    LCMScheduler, ``original_inference_steps=K``    DMD2 (4 steps: 999, 749, 499, 249)
 ``flow_euler``     FlowMatchEulerDiscreteScheduler, fixed shift     rectified flow, SD3 / Flux students
                    (K >= 2: ``shift_terminal = 1/K``)
+``flow_lcm``       FlowMatchLCMScheduler, same grid as flow_euler   DMD2 on flow models (x0, then fresh noise)
 =================  ==============================================  =========================================
 
 ``ddim`` is deterministic; ``lcm*`` predict x0 and re-noise with fresh noise between steps (as LCM, DMD2 and
-most multi-step generators sample); ``flow_euler`` integrates the velocity. A recipe may also name the paper's
-``timesteps``: they are matched to a stock scheduler config (for example ``[999, 749, 499, 249]`` is
-``LCMScheduler(original_inference_steps=4)`` and a one-step ``[399]`` is ``DDIMScheduler(timestep_spacing=
+most multi-step generators sample); ``flow_euler`` integrates the velocity; ``flow_lcm`` is the flow-matching
+``lcm``: ``x0 = x - sigma u``, then ``(1 - sigma') x0 + sigma' z`` with fresh ``z`` (stock pipelines such as
+``StableDiffusion3Pipeline`` draw that ``z`` from torch's global generator, not from their ``generator``).
+A recipe may also name the paper's ``timesteps``: they are matched to a stock scheduler config (for example
+``[999, 749, 499, 249]`` is ``LCMScheduler(original_inference_steps=4)`` and a one-step ``[399]`` is ``DDIMScheduler(timestep_spacing=
 "leading", steps_offset=399)`` — though not under ``StableDiffusionPipeline``, which resets ``steps_offset`` to 1).
 When none fits, export fails and names the nearest stock option, or, with ``custom_scheduler=True``, uses
 :class:`~stepdistill.pipelines.schedulers.StudentLCMScheduler` (needs stepdistill to load).
@@ -31,8 +34,10 @@ import numpy as np
 from ..config import ConfigError
 from .sampling import student_timesteps
 
-SAMPLERS = ("ddim", "lcm", "flow_euler")
-SCHEDULER_CLASS = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler"}
+SAMPLERS = ("ddim", "lcm", "flow_euler", "flow_lcm")
+FLOW_SAMPLERS = ("flow_euler", "flow_lcm")
+SCHEDULER_CLASS = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler",
+                   "flow_lcm": "FlowMatchLCMScheduler"}
 # what every exported VP scheduler fixes: the student's output is used as is (no clipping / thresholding)
 _VP_FIXED = {"clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
 _NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -62,6 +67,8 @@ RECIPES: dict[str, tuple[str, object, str]] = {
                     "then fresh noise (4 steps: 999, 749, 499, 249, as DMD2)"),
     "flow_euler": ("flow_euler", _flow_terminal, "FlowMatchEulerDiscreteScheduler (Euler on the velocity) with a "
                    "fixed shift; K >= 2 steps end at sigma = 1/K"),
+    "flow_lcm": ("flow_lcm", _flow_terminal, "FlowMatchLCMScheduler: x0 = x - sigma u, then fresh noise to the next "
+                 "sigma (DMD2's backward simulation on a flow schedule); grid as flow_euler"),
 }
 
 
@@ -115,15 +122,16 @@ class Recipe:
         """
         config = _config_dict(base)
         is_flow = _is_flow(config)
-        if self.sampler == "flow_euler":
+        if self.sampler in FLOW_SAMPLERS:
             if not is_flow:
-                raise ExportError(f"recipe {self.name!r} (flow_euler) needs a flow-matching student; this one has a "
-                                  "VP (DDPM-type) schedule: use ddim, ddim_trailing, lcm or lcm_uniform")
+                raise ExportError(f"recipe {self.name!r} ({self.sampler}) needs a flow-matching student; this one has "
+                                  "a VP (DDPM-type) schedule: use ddim, ddim_trailing, lcm or lcm_uniform")
             if self.timesteps is not None:
-                raise ExportError("explicit timesteps are not supported for flow_euler: shape the grid with "
+                raise ExportError(f"explicit timesteps are not supported for {self.sampler}: shape the grid with "
                                   "scheduler_config (shift, shift_terminal) and check it with student_timesteps")
-            from diffusers import FlowMatchEulerDiscreteScheduler
+            import diffusers
 
+            cls = getattr(diffusers, SCHEDULER_CLASS[self.sampler])
             shift = _static_shift(config)
             preset = RECIPES[self.name][1](self.num_inference_steps) if self.name in RECIPES else {}
             cfg = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": shift,
@@ -131,12 +139,12 @@ class Recipe:
             if cfg.get("use_dynamic_shifting"):
                 raise ExportError("exported flow schedulers use a fixed shift (use_dynamic_shifting=False), so "
                                   "that the timesteps do not depend on the image size")
-            return FlowMatchEulerDiscreteScheduler.from_config(_keep_init_args(FlowMatchEulerDiscreteScheduler, cfg))
+            return cls.from_config(_keep_init_args(cls, cfg))
         if is_flow:
             raise ExportError(f"recipe {self.name!r} ({self.sampler}) needs a VP (DDPM-type) student; this one is a "
-                              "flow-matching model: use flow_euler")
+                              "flow-matching model: use flow_euler or flow_lcm")
         if prediction_type == "flow":
-            raise ExportError("a flow-velocity student needs the flow_euler recipe")
+            raise ExportError("a flow-velocity student needs the flow_euler or flow_lcm recipe")
         vp = {k: config[k] for k in _NOISE_KEYS if k in config}
         if prediction_type is not None:
             vp["prediction_type"] = prediction_type

@@ -14,6 +14,9 @@ Updates (x_t = alpha_t x0 + sigma_t eps for VP; x = (1 - s) x0 + s eps for flow)
   output ``c_skip x + c_out x0`` (``c_skip = s_d^2 / ((10 t)^2 + s_d^2)``, ``c_out = 10 t / sqrt((10 t)^2 + s_d^2)``,
   ``s_d = 0.5``, 10 = ``timestep_scaling``), then fresh noise to the next listed timestep; the last step returns it.
 - ``FlowMatchEulerDiscreteScheduler``: Euler in sigma, ``x_next = x + (s_next - s) u``, ending at s = 0.
+- ``FlowMatchLCMScheduler``: ``x0 = x - s u``, then fresh noise to the next sigma, ``(1 - s_next) x0 + s_next z``;
+  the last step returns x0. (``StableDiffusion3Pipeline`` does not hand its ``generator`` to ``step``: its ``z``
+  comes from torch's global generator.)
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ def _name(obj) -> str | None:
 
 
 def sampler_of(scheduler) -> str:
-    """The update rule of a scheduler: ``ddim``, ``lcm`` or ``flow_euler``; an error for anything else."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+    """The update rule of a scheduler: ``ddim``, ``lcm``, ``flow_euler`` or ``flow_lcm``; an error otherwise."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
 
     if isinstance(scheduler, LCMScheduler):
         return "lcm"
@@ -42,8 +45,10 @@ def sampler_of(scheduler) -> str:
         return "ddim"
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return "flow_euler"
-    raise ValueError(f"stepdistill reproduces DDIMScheduler, LCMScheduler and FlowMatchEulerDiscreteScheduler "
-                     f"sampling; {type(scheduler).__name__} is not supported")
+    if isinstance(scheduler, FlowMatchLCMScheduler):
+        return "flow_lcm"
+    raise ValueError(f"stepdistill reproduces DDIMScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler and "
+                     f"FlowMatchLCMScheduler sampling; {type(scheduler).__name__} is not supported")
 
 
 def _fresh(scheduler):
@@ -107,6 +112,16 @@ def sample_student(denoiser, scheduler, noise: torch.Tensor, num_steps: int, con
         sigmas = [t / big_t for t in ts] + [0.0]
         for i, t in enumerate(ts):
             x = x + (sigmas[i + 1] - sigmas[i]) * predict(x, t, "flow")
+        return x
+    if sampler == "flow_lcm":
+        big_t = scheduler.config.num_train_timesteps
+        for i, t in enumerate(ts):
+            x0 = predict(x, t, "sample")
+            if i == len(ts) - 1:
+                return x0
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x0.dtype)
+            s_next = float(ts[i + 1]) / big_t
+            x = (1 - s_next) * x0 + s_next * z
         return x
     if sampler == "ddim":
         step = scheduler.config.num_train_timesteps // len(ts)

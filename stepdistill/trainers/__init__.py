@@ -28,9 +28,17 @@ def build_trainer(run, callbacks=()) -> DistillTrainer:
     from ..data import build_dataset
 
     torch.manual_seed(run.train.seed)  # model initialisation depends only on the config
-    data = build_dataset(run.data)
+    # prompts are encoded by the teacher's text encoders, cached under the run folder
+    data = build_dataset(run.data, run.model, cache_dir=run_cache_dir(run))
     objective = get_method(run.method).from_config(run, data)
     return DistillTrainer(objective, data, run, callbacks)
+
+
+def run_cache_dir(run):
+    """Where a run caches what it derives from its inputs (encoded prompts, the null prompt, VAE latents)."""
+    from pathlib import Path
+
+    return Path(run.output_dir) / "cache"
 
 
 class _NamedTrainer:
@@ -62,8 +70,29 @@ class DMD2Trainer(_NamedTrainer):
     method = "dmd2"
 
 
+class MSDTrainer(_NamedTrainer):
+    method = "msd"
+
+
+class DisBackTrainer(_NamedTrainer):
+    method = "disback"
+
+
+class FDistillTrainer(_NamedTrainer):
+    method = "f_distill"
+
+
+class DecoupledDMDTrainer(_NamedTrainer):
+    method = "decoupled_dmd"
+
+
 from .dmd import DMDObjective, DMDv1Objective  # noqa: E402  (registers "dmd2", "dmd")
+from .msd import MSDObjective, MSDTSMObjective  # noqa: E402  (registers "msd", "msd_tsm")
+from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (registers "disback", "disback_record")
+from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
+from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
 
-__all__ = ["Callback", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DenoisingObjective", "DistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
+__all__ = ["Callback", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
+           "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]

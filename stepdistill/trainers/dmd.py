@@ -81,7 +81,13 @@ class DiscriminatorHead(torch.nn.Module):
 @dataclass
 class DMDConfig:
     student_steps: int = 1  # K: the student's steps (backward simulation when K > 1)
-    recipe: Literal["lcm", "lcm_uniform"] = "lcm_uniform"  # the scheduler the student is exported with
+    # the scheduler the student is exported with; its timesteps and update rule are the backward simulation's:
+    # lcm / lcm_uniform (VP teachers) and flow_lcm (flow teachers) re-noise x0 with fresh noise as DMD2 does;
+    # flow_euler is the deterministic Euler update (the predicted noise carried to the next timestep)
+    recipe: Literal["lcm", "lcm_uniform", "flow_lcm", "flow_euler"] = "lcm_uniform"
+    # 1-step generators: the timestep the generator is called at (DMD2's SDXL 1-step: 399; None: the recipe's, 999);
+    # exported as a stock DDIMScheduler(timestep_spacing="leading", steps_offset=t) where the pipeline keeps it
+    conditioning_timestep: int | None = None
     real_guidance_scale: float = 1.0  # teacher CFG, standard form (DMD2: SD1.5 1.75, SDXL 8)
     dm_t_min: float = 0.02  # DM timesteps ~ U[t_min, t_max] * T (DMD2: 0.02, 0.98)
     dm_t_max: float = 0.98
@@ -104,6 +110,13 @@ class DMDConfig:
             raise ConfigError("objective.dm_t_min and dm_t_max must satisfy 0 <= dm_t_min < dm_t_max <= 1")
         if (self.gan_weight_gen > 0) != (self.gan_weight_disc > 0):
             raise ConfigError("set both objective.gan_weight_gen and objective.gan_weight_disc (or neither)")
+        if self.conditioning_timestep is not None:
+            if self.student_steps != 1:
+                raise ConfigError("objective.conditioning_timestep is for 1-step generators (student_steps: 1); a "
+                                  "K-step generator runs the timesteps of its recipe")
+            if self.recipe.startswith("flow"):
+                raise ConfigError("objective.conditioning_timestep is for VP teachers (recipe lcm or lcm_uniform); "
+                                  "flow recipes start at sigma = 1")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -119,7 +132,9 @@ class DMDObjective(Objective):
     def __init__(self, config: DMDConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
                  resolution: int, channels: int):
         super().__init__(config)
-        from ..pipelines import get_recipe
+        from ..pipelines import ExportError, get_recipe
+        from ..pipelines.export import export_scheduler, pipeline_for
+        from ..pipelines.sampling import sampler_of, student_timesteps
 
         self.teacher = teacher.freeze()
         self.teacher_scheduler = teacher_scheduler
@@ -127,8 +142,18 @@ class DMDObjective(Objective):
         self.fake_score = teacher.clone(trainable=True)
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
         self.schedule = teacher.schedule
-        self.recipe = get_recipe(config.recipe, config.student_steps)
-        self.timesteps = self.recipe.timesteps_for(teacher_scheduler, teacher.prediction_type)
+        self.null_cond = teacher.null_cond  # text teachers: the encoded empty prompt (CFG, shapes, samples)
+        self.recipe = get_recipe(config.recipe, config.student_steps, timesteps=None if config.conditioning_timestep
+                                 is None else [config.conditioning_timestep])
+        try:
+            pipeline = pipeline_for(teacher)
+        except ExportError:
+            pipeline = None
+        # the scheduler the student is exported with, as its pipeline holds it: the generator is trained at its
+        # timesteps and with its update rule (see _generate)
+        self.student_scheduler = export_scheduler(teacher, self.recipe, teacher_scheduler, pipeline)
+        self.sampler = sampler_of(self.student_scheduler)
+        self.timesteps = student_timesteps(self.student_scheduler, config.student_steps, pipeline)
         self.disc_head = None
         if config.gan_weight_disc > 0:
             feats = self._features(self.fake_score, torch.zeros(1, channels, resolution, resolution),
@@ -149,19 +174,38 @@ class DMDObjective(Objective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "DMDObjective":
+        from ..backbones import in_channels
         from ..config import ConfigError
+        from ..models import text_null_cond
+        from . import run_cache_dir
 
         loaded = load_model(run.model)
         cfg = run.objective
+        # a text teacher's CFG needs its null condition: the empty prompt through its own text encoders (cached)
+        null = text_null_cond(run.model, run_cache_dir(run), run.data.resolution)
+        if null is not None:
+            loaded.denoiser.null_cond = null
+            if data is None or len(data) == 0 or "encoder_hidden_states" not in data[0]:
+                raise ConfigError(f"the teacher {run.model.source!r} is text-conditioned: set data.dataset=prompts "
+                                  "and data.path to a prompt file (.txt, or .jsonl with images for a GAN term)")
         has_images = data is not None and len(data) > 0 and "image" in data[0]
         if cfg.gan_weight_disc > 0 and not has_images:
             raise ConfigError("the GAN term (objective.gan_weight_*) needs real images: set data.dataset to "
-                              "digits or folder, or set the GAN weights to 0")
+                              "digits or folder (or prompts from a .jsonl naming an image per prompt), or set the "
+                              "GAN weights to 0")
+        # samples have the backbone's input channels (latent channels for a latent teacher: DMD2 never decodes)
+        channels = in_channels(loaded.denoiser.backbone)
+        if has_images and data[0]["image"].shape[0] != channels:
+            raise ConfigError(f"the data's images have {data[0]['image'].shape[0]} channels, but the teacher "
+                              f"takes {channels}")
         if cfg.regression_weight > 0 and (data is None or "noise" not in data[0]):
             raise ConfigError("the regression loss (objective.regression_weight) needs teacher (noise, image) "
                               "pairs: run `stepdistill make-pairs` and set data.dataset=pairs, data.path=DIR")
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
-        return cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, run.data.channels)
+        objective = cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
+        if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
+            objective.base_folder = loaded.folder  # export links the VAE and text encoders from it
+        return objective
 
     def phases(self):
         critic = ("fake_score",) + (("disc_head",) if self.disc_head is not None else ())
@@ -171,6 +215,8 @@ class DMDObjective(Objective):
     def _random_cond(self, n: int, device) -> Cond:
         if self.num_classes:
             return Cond(class_labels=torch.randint(0, self.num_classes, (n,), device=device))
+        if self.null_cond is not None:  # text teachers without a prompt at hand: the empty prompt
+            return self.null_cond.to(device).repeat(n)
         return Cond()
 
     def _cond(self, batch: dict, n: int, device) -> Cond:
@@ -183,20 +229,31 @@ class DMDObjective(Objective):
 
     def _generate(self, noise: torch.Tensor, cond: Cond, grad: bool = True) -> torch.Tensor:
         """The student's sample: backward simulation through its own K-step schedule (DMD2 Sec. 4.5) — a
-        random number of no-grad steps (x0, re-noised with fresh noise), then one step with gradients."""
+        random number of no-grad steps (x0, re-noised with fresh noise), then one step with gradients.
+
+        Each step is the exported scheduler's: LCMScheduler's boundary condition ``c_skip x + c_out x0`` (lcm);
+        x0 as is (ddim: a one-step generator at a conditioning timestep; flow_lcm: ``x - sigma u``). Between steps,
+        ``lcm`` / ``flow_lcm`` re-noise with fresh noise; ``flow_euler`` carries the predicted noise (Euler)."""
         from ..pipelines.sampling import lcm_scalings
 
         ts = self.timesteps
         stop = int(torch.randint(0, len(ts), ())) if grad else len(ts) - 1
+        self.generator_step = stop  # which step made the sample (0: from pure noise); decoupled DMD reads it
         x = noise
-        scaling = self.recipe.scheduler_config.get("timestep_scaling", 10.0)
+        scaling = self.student_scheduler.config.get("timestep_scaling", 10.0)
         for i in range(stop + 1):
             t = torch.full((x.shape[0],), ts[i], device=x.device)
             with torch.set_grad_enabled(grad and i == stop):
-                c_skip, c_out = lcm_scalings(ts[i], scaling)
-                x0 = c_out * soft_clamp(self.generator(x, t, cond), self.config.output_clamp) + c_skip * x
+                x0 = soft_clamp(self.generator(x, t, cond), self.config.output_clamp)
+                if self.sampler == "lcm":
+                    c_skip, c_out = lcm_scalings(ts[i], scaling)
+                    x0 = c_out * x0 + c_skip * x
             if i < stop:
-                x = self.schedule.add_noise(x0.detach(), torch.randn_like(x0), ts[i + 1])
+                if self.sampler in ("lcm", "flow_lcm"):
+                    x = self.schedule.add_noise(x0.detach(), torch.randn_like(x0), ts[i + 1])
+                else:  # deterministic: x_next = alpha' x0 + sigma' eps_hat (flow: the Euler step)
+                    eps = self.schedule.convert(x0.detach(), x, t, "sample", "epsilon")
+                    x = self.schedule.add_noise(x0.detach(), eps, ts[i + 1])
         return x0
 
     # --- losses ------------------------------------------------------------------------------------
@@ -213,7 +270,7 @@ class DMDObjective(Objective):
         cfg = self.config
         x = self._generate(torch.randn(shape, device=device), cond)
         logs = self.distribution_matching(x, cond)
-        total = cfg.dm_weight * logs["dm"]
+        total = sum(w * logs[k] for k, w in self.dm_weights().items())
         if cfg.regression_weight > 0:
             pair_cond = Cond.from_batch(batch)
             pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
@@ -231,7 +288,14 @@ class DMDObjective(Objective):
     def dm_timesteps(self, n: int, device) -> torch.Tensor:
         big_t = self.schedule.num_train_timesteps
         cfg = self.config
+        if self.schedule.kind == "flow":  # sigma ~ U[t_min, t_max], shifted as the teacher's scheduler shifts its grid
+            u = cfg.dm_t_min + (cfg.dm_t_max - cfg.dm_t_min) * torch.rand(n, device=device, dtype=torch.float64)
+            return (self.schedule.shift_sigma(u) * big_t).float()
         return torch.randint(int(cfg.dm_t_min * big_t), int(cfg.dm_t_max * big_t) + 1, (n,), device=device).float()
+
+    def dm_weights(self) -> dict[str, float]:
+        """The weight of each term of ``distribution_matching`` in the generator's loss (other keys are logged)."""
+        return {"dm": self.config.dm_weight}
 
     def distribution_matching(self, x: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
         """The generator's distribution-matching term ``{"dm": loss, ...}`` for its samples ``x`` (with grad).
@@ -281,7 +345,8 @@ class DMDObjective(Objective):
     def sample(self, batch, generator=None):
         n = batch["batch_size"]
         device = self.device
-        cond = Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes else Cond()
+        cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
+                else self._random_cond(n, device))
         noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         return self._generate(noise, cond, grad=False).clamp(-1, 1)
 
@@ -297,6 +362,7 @@ class DMDObjective(Objective):
 
         return ExportSpec(student=self.generator, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
                           method=self.name, num_classes=self.num_classes, timesteps=self.timesteps,
+                          base_folder=getattr(self, "base_folder", None),
                           meta={"resolution": self.resolution, "channels": self.channels})
 
 

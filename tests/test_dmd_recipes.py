@@ -1,0 +1,302 @@
+"""The DMD2 paper recipes in configs/ (SD 1.5, SDXL 4-step and 1-step at t=399, SD3-style flow transformer) each
+load with ``load_config`` and train 2 steps on a tiny model of the same architecture: a Diffusers pipeline folder
+built here offline (tiny UNet2DConditionModel SD-style and SDXL-style, tiny SD3Transformer2DModel, tiny CLIP / T5
+text stacks and VAE), with prompts encoded by the folder's own text encoders. Only what cannot run on a tiny
+CPU model is overridden (teacher folder, prompt file, resolution, batch, steps, precision).
+
+Also: CFG on the text teacher uses the encoded empty prompt; the students export as stock pipelines that run the
+trained timesteps and give the generator's own samples (SD: LCMScheduler; SDXL 1-step: DDIMScheduler at t=399;
+SD3: FlowMatchLCMScheduler with DMD2's fresh-noise re-noising).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from stepdistill.config import load_config
+from stepdistill.trainers import build_trainer
+from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PROMPTS = ["a cat", "zebra", "a big dog", "the sun"]
+LATENT = 8  # latent resolution of the tiny models (16 px through the tiny VAE's factor 2)
+SCALED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+UNET = dict(sample_size=LATENT, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+            in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+# ---------------------------------------------------------------------------------------------- tiny teachers
+def tiny_vae(shift_factor=None):
+    torch.manual_seed(5)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.7,
+                         shift_factor=shift_factor).eval()
+
+
+def sd_folder(path):
+    """SD 1.5's layout: CLIP text encoder, cross-attention UNet, PNDMScheduler with SD 1.5's config."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cross_attention_dim=32, **UNET)
+    sched = PNDMScheduler(**SCALED, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_model(), tokenizer=clip_tokenizer(), unet=unet,
+                            scheduler=sched, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def sdxl_folder(path):
+    """SDXL's layout: two CLIPs (the second with projection), a text_time UNet, EulerDiscreteScheduler as SDXL."""
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(cross_attention_dim=32 + 48, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=48 + 6 * 4, **UNET)
+    sched = EulerDiscreteScheduler(**SCALED, steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+    StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=clip_model(), text_encoder_2=clip_model(1, 48, True),
+                              tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=sched,
+                              add_watermarker=False).save_pretrained(path)
+    return path
+
+
+def sd3_folder(path):
+    """SD3's layout: CLIP-L + CLIP-G (with projections) + T5, an MMDiT, FlowMatchEulerDiscreteScheduler(shift=3)."""
+    torch.manual_seed(2)
+    transformer = SD3Transformer2DModel(sample_size=LATENT, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=4, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=8, pooled_projection_dim=64, pos_embed_max_size=8)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                             vae=tiny_vae(shift_factor=0.1), text_encoder=clip_model(2, projection=True),
+                             tokenizer=clip_tokenizer(), text_encoder_2=clip_model(3, projection=True),
+                             tokenizer_2=clip_tokenizer(), text_encoder_3=t5_model(),
+                             tokenizer_3=t5_tokenizer()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("dmd_recipes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folders = {"sd": sd_folder(root / "sd"), "sdxl": sdxl_folder(root / "sdxl"), "sd3": sd3_folder(root / "sd3")}
+    finally:
+        torch.set_num_threads(threads)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, prompt in enumerate(PROMPTS):  # real images for the GAN: 16 px = the latent 8 x the VAE's factor 2
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "image": f"img{i}.png"}))
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return root, folders
+
+
+RECIPES = {  # config -> (tiny teacher, prompt file)
+    "dmd2_sd15": ("sd", "prompts.txt"),
+    "dmd2_sdxl_4step": ("sdxl", "prompts.jsonl"),
+    "dmd2_sdxl_1step": ("sdxl", "prompts.jsonl"),
+    "dmd2_sd3": ("sd3", "prompts.txt"),
+}
+
+
+def tiny_run(name, assets, out):
+    root, folders = assets
+    teacher, prompts = RECIPES[name]
+    overrides = [f"model.source={folders[teacher]}", f"data.path={root / prompts}", f"data.resolution={LATENT}",
+                 f"output_dir={out}", "train.max_steps=2", "train.batch_size=2", "train.mixed_precision='no'",
+                 "train.log_every=1", "train.progress=false", "train.threads=1"]
+    return load_config(CONFIGS / f"{name}.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """Train each recipe (2 steps) once, on demand: name -> (run config, trainer, the teacher's uncond batches)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            run = tiny_run(name, assets, tmp_path_factory.mktemp(name))
+            trainer = build_trainer(run)
+            teacher = trainer.objective.teacher.backbone
+            seen = []  # the text condition of each CFG call of the teacher (batch [cond; uncond])
+
+            def record(module, args, kwargs):
+                states = kwargs.get("encoder_hidden_states")
+                if states is not None and states.shape[0] == 2 * run.train.batch_size:
+                    seen.append(states.detach().clone())
+
+            handle = teacher.register_forward_pre_hook(record, with_kwargs=True)
+            trainer.train(resume=None)
+            handle.remove()
+            done[name] = (run, trainer, seen)
+        return done[name]
+
+    return get
+
+
+def logged(trainer):
+    return [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- the recipes
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_trains_two_steps_on_a_tiny_model_of_its_architecture(trained, name):
+    run, trainer, cfg_calls = trained(name)
+    o = trainer.objective
+    config = load_config(CONFIGS / f"{name}.yaml")  # the recipe as shipped: its source and data are text
+    assert config.data.dataset == "prompts" and "/" in config.model.source and config.method == "dmd2"
+    rows = logged(trainer)
+    assert [r["step"] for r in rows] == [1, 2] and "generator/dm" in rows[0]  # the generator's turn is step 1
+    gan = config.objective.gan_weight_disc > 0
+    keys = {"generator/dm", "critic/fake_score"} | ({"generator/gan", "critic/disc"} if gan else set())
+    values = {k: r[k] for r in rows for k in keys if k in r}
+    assert set(values) == keys and all(math.isfinite(v) for v in values.values()), values
+    # latent samples: the backbone's in_channels at the latent resolution (DMD2 never decodes)
+    assert (o.channels, o.resolution) == (4, LATENT)
+    if gan:  # real images from the .jsonl arrive as VAE latents
+        assert trainer.data[0]["image"].shape == (4, LATENT, LATENT)
+    assert cfg_calls, "the teacher ran no CFG call"  # real guidance > 1 in every recipe
+    expected = {"dmd2_sd15": [999], "dmd2_sdxl_4step": [999, 749, 499, 249], "dmd2_sdxl_1step": [399],
+                "dmd2_sd3": [1000, 892.3077, 698.9247, 250]}[name]
+    assert o.timesteps == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["dmd2_sd15", "dmd2_sdxl_4step"])
+def test_cfg_on_the_text_teacher_uses_the_null_prompt(trained, name):
+    from stepdistill.conditioning import PromptEncoder
+
+    run, trainer, cfg_calls = trained(name)
+    folder = Path(run.model.source)
+    null = PromptEncoder.from_pretrained(folder, size=16 if "sdxl" in name else None).null()
+    teacher = trainer.objective.teacher
+    torch.testing.assert_close(teacher.null_cond.encoder_hidden_states, null.encoder_hidden_states)
+    n = run.train.batch_size
+    for states in cfg_calls:
+        uncond = states[n:]
+        torch.testing.assert_close(uncond, null.encoder_hidden_states.expand_as(uncond))
+        assert not torch.equal(states[:n], uncond)  # the conditional half carries the prompts
+    if "sdxl" in name:  # SDXL's force_zeros_for_empty_prompt: the null prompt is zeros, pooled too
+        assert not teacher.null_cond.encoder_hidden_states.any() and not teacher.null_cond.pooled.any()
+    # the null prompt is cached under the run folder
+    assert list((Path(run.output_dir) / "cache").glob("null-*.safetensors"))
+
+
+def _prompt_cond(run, prompts):
+    from stepdistill.models import prompt_encoder_for
+
+    return prompt_encoder_for(run.model, run.data.resolution).encode(prompts)
+
+
+@pytest.mark.parametrize("name, pipeline_cls, scheduler", [
+    ("dmd2_sd15", StableDiffusionPipeline, "LCMScheduler"),
+    ("dmd2_sdxl_1step", StableDiffusionXLPipeline, "DDIMScheduler"),
+])
+def test_export_runs_the_trained_timesteps_in_the_stock_pipeline(trained, tmp_path, name, pipeline_cls, scheduler):
+    from stepdistill.pipelines import export_pipeline
+
+    run, trainer, _ = trained(name)
+    o = trainer.objective
+    folder = export_pipeline(o.export_spec(), None, tmp_path / "export")
+    info = json.loads((folder / "stepdistill.json").read_text())["export"]
+    assert not info["needs_stepdistill"] and info["scheduler"] == scheduler
+    pipe = pipeline_cls.from_pretrained(folder)  # stock Diffusers; VAE and text encoders linked from the teacher
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == scheduler
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(float(torch.as_tensor(args[1]).flatten()[0])))
+    noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    out = pipe(prompt=PROMPTS[:2], latents=noise, output_type="latent", **info["call"]["kwargs"]).images
+    assert calls == o.timesteps and pipe.scheduler.timesteps.tolist() == o.timesteps
+    with torch.no_grad():
+        direct = o._generate(noise, _prompt_cond(run, PROMPTS[:2]), grad=False)
+    torch.testing.assert_close(out, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_student_exports_with_flow_match_lcm_and_samples_like_its_backward_simulation(trained, tmp_path):
+    """SD3-style DMD2: the generator's x0 comes from the Denoiser (x - sigma u); the exported
+    FlowMatchLCMScheduler re-noises with fresh noise as the backward simulation does, so the stock pipeline,
+    sample_student and the objective's own rollout agree (StableDiffusion3Pipeline draws the step noise from
+    torch's global generator)."""
+    from stepdistill.pipelines import export_pipeline, sample_student
+
+    run, trainer, _ = trained("dmd2_sd3")
+    o = trainer.objective
+    assert o.sampler == "flow_lcm" and type(o.student_scheduler).__name__ == "FlowMatchLCMScheduler"
+    folder = export_pipeline(o.export_spec(), None, tmp_path / "export")
+    info = json.loads((folder / "stepdistill.json").read_text())["export"]
+    assert not info["needs_stepdistill"] and info["scheduler"] == "FlowMatchLCMScheduler"
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    cond = _prompt_cond(run, PROMPTS[:2])
+    torch.manual_seed(7)
+    out = pipe(prompt=PROMPTS[:2], latents=noise, output_type="latent", **info["call"]["kwargs"]).images
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx(o.timesteps)
+    ref = sample_student(o.generator, pipe.scheduler, noise, 4, cond, generator=torch.Generator().manual_seed(7),
+                         pipeline="StableDiffusion3Pipeline")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(8)  # the re-noising is really stochastic: other step noise, other samples
+    other = pipe(prompt=PROMPTS[:2], latents=noise, output_type="latent", **info["call"]["kwargs"]).images
+    assert (other - out).abs().max() > 1e-3
+    torch.manual_seed(7)
+    with torch.no_grad():
+        torch.testing.assert_close(o._generate(noise, cond, grad=False), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_euler_recipe_rolls_out_with_the_deterministic_euler_update(assets, tmp_path):
+    """recipe: flow_euler (the alternative to flow_lcm): backward simulation carries the predicted noise to the next
+    sigma, which is the exported FlowMatchEulerDiscreteScheduler's Euler step."""
+    from stepdistill.pipelines import sample_student
+
+    run = tiny_run("dmd2_sd3", assets, tmp_path / "run")
+    run.objective.recipe = "flow_euler"
+    o = build_trainer(run).objective
+    assert o.sampler == "flow_euler" and type(o.student_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    cond = _prompt_cond(run, PROMPTS[:2])
+    with torch.no_grad():
+        ours = o._generate(noise, cond, grad=False)
+    ref = sample_student(o.generator, o.student_scheduler, noise, 4, cond, pipeline="StableDiffusion3Pipeline")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_text_teacher_without_prompts_and_bad_conditioning_timestep_are_clear_errors(assets, tmp_path):
+    from stepdistill.config import ConfigError
+    from stepdistill.data import DataError
+
+    run = tiny_run("dmd2_sd15", assets, tmp_path / "a")
+    run.data.dataset = "none"
+    with pytest.raises(ConfigError, match="text-conditioned: set data.dataset=prompts"):
+        build_trainer(run)
+    run = tiny_run("dmd2_sd15", assets, tmp_path / "b")
+    run.model.source = "digits-teacher"
+    with pytest.raises(DataError, match="teacher's text encoders"):
+        build_trainer(run)
+    with pytest.raises(ConfigError, match="conditioning_timestep is for 1-step"):
+        load_config(CONFIGS / "dmd2_sdxl_1step.yaml", ["objective.student_steps=4"])
+    with pytest.raises(ConfigError, match="conditioning_timestep is for VP"):
+        load_config(CONFIGS / "dmd2_sd3.yaml", ["objective.student_steps=1", "objective.conditioning_timestep=399"])
+    sd3 = tiny_run("dmd2_sd3", assets, tmp_path / "c")
+    sd3.objective.recipe = "lcm_uniform"
+    with pytest.raises(ConfigError, match="flow_euler or flow_lcm"):
+        build_trainer(sd3)
