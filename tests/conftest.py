@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
 
-from tiny import tiny_teacher_raw
+from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
 
 
 @pytest.fixture
@@ -18,3 +18,18 @@ def tiny_teacher_config(tmp_path):
         return resolve(tiny_teacher_raw(tmp_path / "run", **train))
 
     return make
+
+
+@pytest.fixture
+def teacher_folder(tmp_path):
+    """A tiny class-conditional v-prediction teacher saved as a Diffusers folder (10 classes, null class 10)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.models import save_model
+    from stepdistill.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
+    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
+    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})

@@ -7,7 +7,7 @@ from stepdistill.denoiser import cfg
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.decoupled_dmd import ca_term, dm_term, normalize_per_sample, paper_tau_to_diffusers
 from stepdistill.trainers.dmd import dmd_gradient
-from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
+from tiny import tiny_teacher_raw
 
 
 def randn(*shape, seed=0, n=4):
@@ -44,20 +44,6 @@ def test_paper_time_is_converted_at_the_boundary():
 
 
 # ------------------------------------------------------------------------------------------- the objective
-@pytest.fixture
-def teacher_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stepdistill.denoiser import Denoiser
-    from stepdistill.models import save_model
-    from stepdistill.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
-    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
-    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
-
-
 def run_config(tmp_path, teacher_folder, **objective):
     raw = tiny_teacher_raw(tmp_path / "ddmd", max_steps=4)
     raw["method"] = "decoupled_dmd"

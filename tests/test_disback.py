@@ -10,21 +10,7 @@ from safetensors.torch import load_file
 from stepdistill.config import ConfigError, resolve
 from stepdistill.trainers import DisBackTrainer, build_trainer
 from stepdistill.trainers.disback import path_files, record_due, target_index
-from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
-
-
-@pytest.fixture
-def teacher_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stepdistill.denoiser import Denoiser
-    from stepdistill.models import save_model
-    from stepdistill.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
-    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
-    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
+from tiny import tiny_teacher_raw
 
 
 def record_run(tmp_path, teacher_folder, max_steps=4, **objective):

@@ -1,12 +1,11 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stepdistill.config import ConfigError, resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import (dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss,
                                       pseudo_huber)
-from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
+from tiny import tiny_teacher_raw
 
 
 # ------------------------------------------------------------------------------------------- the formulas
@@ -42,20 +41,6 @@ def test_gan_losses_and_pseudo_huber_match_their_formulas():
 
 
 # ------------------------------------------------------------------------------------------- the objective
-@pytest.fixture
-def teacher_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stepdistill.denoiser import Denoiser
-    from stepdistill.models import save_model
-    from stepdistill.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
-    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
-    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
-
-
 def dmd_run(tmp_path, teacher_folder, **objective):
     raw = tiny_teacher_raw(tmp_path / "dmd", max_steps=4)
     raw["method"] = "dmd2"

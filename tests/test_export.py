@@ -34,7 +34,7 @@ from stepdistill.conditioning import PromptEncoder
 from stepdistill.pipelines import ExportError, ExportSpec, export_pipeline, get_recipe, sample_student
 from stepdistill.pipelines.sampling import student_timesteps
 
-from tiny import LETTERS, MAX_LEN, clip_model, clip_tokenizer, t5_model, t5_tokenizer  # noqa: F401
+from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer
 PROMPTS = ["a cat", "zebra"]
 LABELS = [3, 7]
 B = 2

@@ -9,7 +9,7 @@ from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import dmd_gradient
 from stepdistill.trainers.f_distill import (Divergence, FDistillConfig, density_ratio, f_distill_gradient, f_weight,
                                             ratio_bin_normalize)
-from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
+from tiny import tiny_teacher_raw
 
 # h(r) as written in f-distill's table / FastGen, and the f of each divergence (D_f(p||q) = E_q f(p/q))
 H = {"rkl": lambda r: torch.ones_like(r), "kl": lambda r: r, "js": lambda r: 1 - 1 / (1 + r),
@@ -69,20 +69,6 @@ def test_gradient_is_h_times_dmd2_and_rkl_is_exactly_dmd2():
 
 
 # ------------------------------------------------------------------------------------------- the objective
-@pytest.fixture
-def teacher_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stepdistill.denoiser import Denoiser
-    from stepdistill.models import save_model
-    from stepdistill.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
-    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
-    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
-
-
 def run_config(tmp_path, teacher_folder, method="f_distill", **objective):
     raw = tiny_teacher_raw(tmp_path / method, max_steps=4)
     raw["method"] = method

@@ -10,23 +10,9 @@ from stepdistill.config import ConfigError, resolve
 from stepdistill.pipelines.routing import merge, owners, route, route_call
 from stepdistill.trainers import MSDTrainer, build_trainer
 from stepdistill.trainers.msd import even_partition, owner_table, tsm_loss
-from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
+from tiny import tiny_teacher_raw
 
 SMALL = {"block_out_channels": [8, 16]}  # a student with half the teacher's channels
-
-
-@pytest.fixture
-def teacher_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from stepdistill.denoiser import Denoiser
-    from stepdistill.models import save_model
-    from stepdistill.schedule import NoiseSchedule
-
-    torch.manual_seed(0)
-    unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
-    d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
-    return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
 
 
 def msd_run(tmp_path, teacher_folder, name="msd", method="msd", max_steps=4, **objective):

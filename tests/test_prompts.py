@@ -9,7 +9,7 @@ from PIL import Image
 from stepdistill.conditioning import Cond, PromptEncoder, prompt_family
 from stepdistill.data import DataError, PromptDataset, PromptRecord, ResumableBatches, read_prompts
 
-from tiny import LETTERS, MAX_LEN, clip_model, clip_tokenizer, t5_model, t5_tokenizer  # noqa: F401
+from tiny import MAX_LEN, clip_model, clip_tokenizer, t5_model, t5_tokenizer
 
 
 # ---- tiny offline text stacks -----------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
 """Callbacks of the training loop: sample grids and periodic evaluation."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import DistillTrainer
+
 
 class Callback:
-    def on_step_end(self, trainer: "DistillTrainer", step: int) -> None: ...
+    def on_step_end(self, trainer: DistillTrainer, step: int) -> None: ...
 
-    def on_train_end(self, trainer: "DistillTrainer") -> None: ...
+    def on_train_end(self, trainer: DistillTrainer) -> None: ...
 
 
 class SampleGrid(Callback):
