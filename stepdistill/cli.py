@@ -23,7 +23,7 @@ def _train(args, method_default: str | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepdistill", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stepdistill", description="Distil diffusion and flow models into one- to four-step generators. Also runs as `accelerate launch -m stepdistill ...` or `torchrun -m stepdistill ...`.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "distil a teacher with the method a config names"),
                             ("train-teacher", "train a diffusion/flow teacher (method: teacher)")):

@@ -627,3 +627,13 @@ def latent_dataset(dataset, vae, batch_size: int = 16, cache_path: str | Path | 
     """A data set of images (``TensorImages``, ``ImageFolder``, digits) as its cached VAE latents, labels kept."""
     latents = cache_latents(dataset, vae, batch_size, cache_path)
     return TensorImages(latents, getattr(dataset, "labels", None), getattr(dataset, "num_classes", None))
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a run seeded ``seed``: ``(seed * 0x9E3779B1 + index) mod 2**32``.
+
+    Torch's CPU generator keeps only the low 32 bits of a seed, so ``(seed << 32) + index`` would ignore ``seed``.
+    This Weyl sequence gives each seed its own stream (seed 0 is ``index`` itself), disjoint from the others'
+    for any realistic number of samples.
+    """
+    return (int(seed) * 0x9E3779B1 + int(index)) % 2**32

@@ -4,8 +4,9 @@ Used by DMD's regression loss and by reflow. A pair is ``(z, x)`` where ``z ~ N(
 deterministic ODE solution from ``z`` (:func:`stepdistill.solvers.sample`).
 
 What is generated
-- Sample ``i`` draws everything from its own ``torch.Generator`` seeded ``(seed << 32) + i`` (the same rule as
-  ``stepdistill eval``/``bench``, :func:`stepdistill.metrics.samplers.sample_generators`): first its noise
+- Sample ``i`` draws everything from its own ``torch.Generator`` seeded ``sample_seed(PAIRS_STREAM + seed, i)``:
+  the rule of ``stepdistill eval``/``bench`` (:func:`stepdistill.data.sample_seed`) on a stream of its own, so
+  that a student trained on pairs is never evaluated on its training noise: first its noise
   (float32, ``(channels, resolution, resolution)``), then, with ``labels="random"``, its class (or prompt). So
   the pair set depends on neither the batch size nor the shard size nor on interruptions.
 - Conditions: ``labels="balanced"`` gives sample ``i`` class ``i % num_classes`` (prompt ``i % len(prompts)``);
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Cond
-from .data import DataError
+from .data import DataError, sample_seed
 
 MANIFEST = "pairs.json"
 FORMAT = "stepdistill-pairs"
@@ -66,9 +67,12 @@ def shard_name(k: int) -> str:
     return f"pairs-{k:05d}.safetensors"
 
 
+PAIRS_STREAM = 2**31  # pair i of seed s is seeded 2**31 + s * 0x9E3779B1 + i: never eval's noise (seed 0: i)
+
+
 def sample_generator(seed: int, i: int) -> torch.Generator:
-    """The generator of sample ``i`` (the rule of ``stepdistill eval``/``bench``)."""
-    return torch.Generator("cpu").manual_seed((int(seed) << 32) + int(i))
+    """The generator of pair ``i``: eval's per-sample rule, on a stream disjoint from eval's."""
+    return torch.Generator("cpu").manual_seed(sample_seed(PAIRS_STREAM + int(seed), i))
 
 
 def pair_noise(indices, seed: int, shape: tuple[int, ...], labels: str | None = None, num_labels: int | None = None):
@@ -355,7 +359,8 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
         "n": n,
         "num_shards": len(plan),
         "prompts": prompt_list,
-        "seeding": "sample i: torch.Generator seeded (seed << 32) + i; noise first, then a random label",
+        "seeding": "sample i: torch.Generator seeded sample_seed(2**31 + seed, i) (a stream disjoint from "
+                   "eval's sample_seed(seed, i)); noise first, then a random label",
         "created_with": {"stepdistill": __version__, "torch": torch.__version__,
                          "diffusers": diffusers.__version__, "device": str(device)},
         "complete": False,

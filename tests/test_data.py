@@ -232,3 +232,16 @@ def test_batch_image_is_the_sample_not_a_condition():
     assert cond.image is None and torch.equal(cond.class_labels, batch["class_label"])
     source = torch.zeros(3, 1, 16, 16)
     assert Cond.from_batch({**batch, "source_image": source}).image is source
+
+
+def test_sample_seeds_give_each_run_seed_its_own_stream():
+    from stepdistill.data import sample_seed
+
+    # torch's CPU generator keeps 32 bits of a seed: (seed << 32) + i would make every seed the same stream
+    same = [torch.randn(2, generator=torch.Generator().manual_seed((s << 32) + 5)) for s in (0, 1)]
+    assert torch.equal(*same)
+    assert [sample_seed(0, i) for i in range(3)] == [0, 1, 2]
+    streams = [{sample_seed(s, i) for i in range(50_000)} for s in range(4)]
+    assert all(len(a & b) == 0 for k, a in enumerate(streams) for b in streams[k + 1:])
+    pairs = {sample_seed(2**31, i) for i in range(50_000)}  # make-pairs' stream
+    assert all(not (pairs & s) for s in streams)

@@ -61,9 +61,9 @@ def test_images_are_the_teachers_ode_solution_from_the_stored_noise(teacher, tmp
     timesteps = [float(x) for x in (lambda s: (s.set_timesteps(3), s.timesteps)[1])(
         DDIMScheduler.from_config(t.scheduler.config))]
     assert manifest["timesteps"] == timesteps == pair_timesteps(t.scheduler, 3) == [999.0, 666.0, 332.0]
-    # noise: sample i's own generator, seeded (seed << 32) + i; labels balanced or drawn after the noise
+    # noise: sample i's own generator, seeded sample_seed(2**31 + seed, i); labels balanced or drawn after the noise
     for i in range(6):
-        g = torch.Generator().manual_seed(i)
+        g = torch.Generator().manual_seed(2**31 + i)
         assert torch.equal(data.noise[i], torch.randn(1, 8, 8, generator=g))
         expected = i % 10 if labels == "balanced" else int(torch.randint(10, (), generator=g))
         assert int(data.labels[i]) == expected
@@ -77,16 +77,21 @@ def test_images_are_the_teachers_ode_solution_from_the_stored_noise(teacher, tmp
     assert manifest["network_evaluations"] == {"ddim": 3, "euler": 3, "heun": 4}[solver]
 
 
-def test_ddim_pairs_are_the_samples_eval_and_bench_draw(teacher, tmp_path):
-    """Same noise rule and sampler as `stepdistill eval`/`bench` (the teacher's DDIM pipeline). On an even grid
-    only: DDIMScheduler steps to ``t - 1000 // K``, which is the next listed timestep when K divides 1000 (K = 4,
-    25, 50; not K = 3: 666 -> 333, then it evaluates at 332), whereas pairs follow the listed timesteps."""
-    from stepdistill.metrics.samplers import load_eval_model
+def test_ddim_pairs_are_the_teacher_pipeline_on_noise_eval_never_draws(teacher, tmp_path):
+    """The pair images are what the teacher's DDIM pipeline (eval/bench's sampler) makes from the pair noise; that
+    noise comes from a stream of its own, so a student regressed on pairs is not evaluated on its training noise.
+    On an even grid only: DDIMScheduler steps to ``t - 1000 // K``, which is the next listed timestep when K
+    divides 1000 (K = 4, 25, 50; not K = 3: 666 -> 333, then it evaluates at 332)."""
+    from stepdistill.metrics.samplers import load_eval_model, sample_generators
 
     make_pairs(str(teacher), tmp_path / "p", 6, **{**FAST, "nfe": 4})
-    images = load_eval_model(str(teacher)).sample(range(6), 4, 0)
-    torch.testing.assert_close((PairDataset(tmp_path / "p").images / 2 + 0.5).clamp(0, 1), images,
-                               rtol=0, atol=1e-5)
+    pairs = PairDataset(tmp_path / "p")
+    eval_noise = torch.stack([torch.randn(pairs.noise.shape[1:], generator=g) for g in sample_generators(range(6), 0)])
+    assert not torch.isclose(pairs.noise, eval_noise).any()
+    model = load_eval_model(str(teacher))
+    model.pipe.set_progress_bar_config(disable=True)
+    images = model.pipe(class_labels=pairs.labels, latents=pairs.noise, num_inference_steps=4, output_type="pt").images
+    torch.testing.assert_close((pairs.images / 2 + 0.5).clamp(0, 1), images, rtol=0, atol=1e-5)
 
 
 def test_pairs_do_not_depend_on_the_batch_size(teacher, tmp_path):

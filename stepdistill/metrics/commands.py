@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="digits (the shipped digits CNN) or inception:PATH (FID Inception weights file)")
     p.add_argument("--reference", default="digits",
                    help="reference images: digits (all 1,797), digits:train, digits:test or folder:PATH")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses seed*2**32+i)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i uses stepdistill.data.sample_seed(seed, i))")
     p.add_argument("--batch-size", type=int, default=250, help="generation and feature batch (latency is per "
                    "image at this batch size)")
     p.add_argument("--guidance", type=float, default=None,

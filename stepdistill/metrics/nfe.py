@@ -153,7 +153,7 @@ def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models
     return {
         **evaluator.protocol(settings.n),
         "seed": settings.seed,
-        "noise": "sample i draws all its noise from torch.Generator().manual_seed(seed * 2**32 + i), the same for "
+        "noise": "sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the same for "
                  "every model and NFE",
         "class_labels": labels,
         "nfe": "sampler steps; each is one network call per sample at guidance 1 (two, batched, with CFG)",

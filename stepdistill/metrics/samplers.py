@@ -10,7 +10,7 @@ Sources:
   and guidance are read from the pipeline config or ``stepdistill.json`` (``num_inference_steps``,
   ``timesteps``, ``guidance_scale``, at the top level or under ``recipe``).
 
-Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``seed * 2**32 + i`` for all of its
+Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``data.sample_seed(seed, i)`` for all of its
 noise (one generator per sample, so the samples do not depend on the batch size or on the model).
 """
 from __future__ import annotations
@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import sample_seed
 from ..models import NAMED_MODELS, ModelLoadError
 
 TEACHER_SAMPLER = "DDIM (eta 0) on DDIMScheduler.from_config(teacher scheduler config)"
 
 
 def sample_generators(indices, seed: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed((seed << 32) + int(i)) for i in indices]
+    return [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in indices]
 
 
 def _lookup(d: dict, key: str):
