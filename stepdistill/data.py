@@ -297,7 +297,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -322,7 +322,7 @@ def file_digests(files, root: Path, memo_dir=None) -> list[tuple[str, str]]:
         tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         digest = memo.get(tag)
         if digest is None:
-            digest, changed = _file_sha256(path), True
+            digest, changed = file_sha256(path), True
             memo[tag] = digest
         out.append((path.relative_to(root).as_posix(), digest))
     if memo_path is not None and changed:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Cond
-from .data import DataError, sample_seed
+from .data import DataError, file_sha256, sample_seed
 
 MANIFEST = "pairs.json"
 FORMAT = "stepdistill-pairs"
@@ -159,14 +159,6 @@ def _prompt_list(prompts) -> list[str]:
 
 def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -405,7 +397,7 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
                 tensors["prompt_index" if prompt_cond is not None else "class_labels"] = torch.cat(conds_all)
             path = out_dir / shard_name(k)
             _write_shard(path, tensors, {"settings_key": key, "start": str(start), "count": str(count)})
-            done[k] = {"file": path.name, "start": start, "count": count, "sha256": _file_sha256(path)}
+            done[k] = {"file": path.name, "start": start, "count": count, "sha256": file_sha256(path)}
             manifest["shards"] = [done[j] for j in sorted(done)]
             manifest["complete"] = len(done) == len(plan)
             _write_json(out_dir / MANIFEST, manifest)
@@ -470,7 +462,7 @@ class PairDataset(torch.utils.data.Dataset):
             if shard["start"] != k * manifest["shard_size"]:
                 raise DataError(f"{bad}: shard {shard['file']} starts at {shard['start']}, expected "
                                 f"{k * manifest['shard_size']}; {rerun}")
-            if verify and shard.get("sha256") != _file_sha256(path):
+            if verify and shard.get("sha256") != file_sha256(path):
                 raise DataError(f"{bad}: {shard['file']} has another sha256 than the manifest records (changed or "
                                 f"damaged); delete it and {rerun}")
             try:
