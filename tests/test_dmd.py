@@ -121,3 +121,16 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
     with pytest.raises(ConfigError, match="gan_weight_gen and objective.gan_weight_disc"):
         dmd_run(tmp_path, teacher_folder, gan_weight_gen=0.0)
     assert raw_run.optim["generator"].every == 2
+
+
+def test_generator_init_starts_from_another_run(tmp_path, teacher_folder):
+    first = build_trainer(dmd_run(tmp_path / "a", teacher_folder, gan_weight_gen=0.0, gan_weight_disc=0.0))
+    first.train(resume=None)  # writes a/dmd/final
+    trained = weights(first.objective.generator.backbone)
+    second = build_trainer(dmd_run(tmp_path / "b", teacher_folder, generator_init=str(first.output_dir)))
+    assert all(torch.equal(v, trained[k]) for k, v in weights(second.objective.generator.backbone).items())
+    assert not all(torch.equal(v, trained[k]) for k, v in weights(second.objective.teacher.backbone).items())
+    from stepdistill.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        build_trainer(dmd_run(tmp_path / "c", teacher_folder, generator_init=str(tmp_path / "missing")))

@@ -77,6 +77,24 @@ class DiscriminatorHead(torch.nn.Module):
         return self.net(features.float()).flatten(1).mean(1)
 
 
+def init_generator(generator: Denoiser, source: str) -> None:
+    """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``)."""
+    from pathlib import Path
+
+    from ..config import ConfigError, ModelConfig
+
+    folder = Path(source)
+    if (folder / "final").is_dir():
+        folder = folder / "final"
+    weights = load_model(ModelConfig(source=str(folder))).denoiser.backbone.state_dict()
+    own = generator.backbone.state_dict()
+    if weights.keys() != own.keys() or any(weights[k].shape != own[k].shape for k in own):
+        raise ConfigError(f"objective.generator_init={source!r} holds a {type(generator.backbone).__name__} "
+                          "whose weights do not match the student built from the teacher; give a run of the "
+                          "same teacher")
+    generator.backbone.load_state_dict(weights)
+
+
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
 class DMDConfig:
@@ -99,6 +117,9 @@ class DMDConfig:
     gan_weight_disc: float = 0.0  # DMD2: discriminator (classifier) weight 1e-2
     gan_t_max: float = 1.0  # diffusion GAN: real and fake images noised at t ~ U[0, gan_t_max * T]
     output_clamp: float | None = None  # soft clamp c*tanh(x/c) of the generator's images
+    # start the generator from another run's weights (its folder or its final/ model), e.g. a regression warm
+    # start before DMD2, or DMD2's SD1.5 stage 2 from stage 1; None: the teacher's weights
+    generator_init: str | None = None
     label_dropout: float = 0.0  # the fake score's own CFG dropout (DMD2 trains it conditionally)
 
     def validate(self):
@@ -205,6 +226,8 @@ class DMDObjective(Objective):
         objective = cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
             objective.base_folder = loaded.folder  # export links the VAE and text encoders from it
+        if cfg.generator_init:
+            init_generator(objective.generator, cfg.generator_init)
         return objective
 
     def phases(self):
