@@ -7,7 +7,7 @@ from stepdistill.denoiser import cfg
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.decoupled_dmd import ca_term, dm_term, normalize_per_sample, paper_tau_to_diffusers
 from stepdistill.trainers.dmd import dmd_gradient
-from tiny import tiny_teacher_raw
+from tiny import tiny_dmd_raw
 
 
 def randn(*shape, seed=0, n=4):
@@ -45,12 +45,7 @@ def test_paper_time_is_converted_at_the_boundary():
 
 # ------------------------------------------------------------------------------------------- the objective
 def run_config(tmp_path, teacher_folder, **objective):
-    raw = tiny_teacher_raw(tmp_path / "ddmd", max_steps=4)
-    raw["method"] = "decoupled_dmd"
-    raw["model"] = {"source": str(teacher_folder)}
-    raw["optim"] = {"generator": {"lr": 1e-3, "every": 2}, "critic": {"lr": 1e-3}}
-    raw["objective"] = {"gan_weight_gen": 1e-2, "gan_weight_disc": 1e-2, **objective}
-    return resolve(raw)
+    return resolve(tiny_dmd_raw(tmp_path / "ddmd", teacher_folder, "decoupled_dmd", **objective))
 
 
 def test_decomposition_holds_through_the_teacher(tmp_path, teacher_folder):

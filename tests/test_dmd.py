@@ -5,7 +5,7 @@ from stepdistill.config import ConfigError, resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import (dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss,
                                       pseudo_huber)
-from tiny import tiny_teacher_raw
+from tiny import tiny_dmd_raw
 
 
 # ------------------------------------------------------------------------------------------- the formulas
@@ -42,12 +42,7 @@ def test_gan_losses_and_pseudo_huber_match_their_formulas():
 
 # ------------------------------------------------------------------------------------------- the objective
 def dmd_run(tmp_path, teacher_folder, **objective):
-    raw = tiny_teacher_raw(tmp_path / "dmd", max_steps=4)
-    raw["method"] = "dmd2"
-    raw["model"] = {"source": str(teacher_folder)}
-    raw["optim"] = {"generator": {"lr": 1e-3, "every": 2}, "critic": {"lr": 1e-3}}
-    raw["objective"] = {"gan_weight_gen": 1e-2, "gan_weight_disc": 1e-2, **objective}
-    return resolve(raw)
+    return resolve(tiny_dmd_raw(tmp_path / "dmd", teacher_folder, "dmd2", **objective))
 
 
 def weights(module):

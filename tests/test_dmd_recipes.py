@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
@@ -31,7 +30,7 @@ from diffusers import (
 
 from stepdistill.config import load_config
 from stepdistill.trainers import build_trainer
-from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer
+from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer, tiny_vae
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PROMPTS = ["a cat", "zebra", "a big dog", "the sun"]
@@ -43,14 +42,6 @@ UNET = dict(sample_size=LATENT, block_out_channels=(8, 16), layers_per_block=1, 
 
 
 # ---------------------------------------------------------------------------------------------- tiny teachers
-def tiny_vae(shift_factor=None):
-    torch.manual_seed(5)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.7,
-                         shift_factor=shift_factor).eval()
-
-
 def sd_folder(path):
     """SD 1.5's layout: CLIP text encoder, cross-attention UNet, PNDMScheduler with SD 1.5's config."""
     torch.manual_seed(0)

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDPMScheduler,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
@@ -34,7 +33,7 @@ from stepdistill.conditioning import PromptEncoder
 from stepdistill.pipelines import ExportError, ExportSpec, export_pipeline, get_recipe, sample_student
 from stepdistill.pipelines.sampling import student_timesteps
 
-from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer
+from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer, tiny_vae
 PROMPTS = ["a cat", "zebra"]
 LABELS = [3, 7]
 B = 2
@@ -43,14 +42,6 @@ ATOL = 1e-4  # on images in [0, 1]: far below one uint8 level (0.0039)
 
 
 # ---------------------------------------------------------------------------------------------- tiny parts
-def tiny_vae(shift_factor=None):
-    torch.manual_seed(5)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.7,
-                         shift_factor=shift_factor).eval()
-
-
 def vp(prediction_type="epsilon", **kw):
     return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                          prediction_type=prediction_type, **kw)

@@ -9,7 +9,7 @@ from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import dmd_gradient
 from stepdistill.trainers.f_distill import (Divergence, FDistillConfig, density_ratio, f_distill_gradient, f_weight,
                                             ratio_bin_normalize)
-from tiny import tiny_teacher_raw
+from tiny import tiny_dmd_raw
 
 # h(r) as written in f-distill's table / FastGen, and the f of each divergence (D_f(p||q) = E_q f(p/q))
 H = {"rkl": lambda r: torch.ones_like(r), "kl": lambda r: r, "js": lambda r: 1 - 1 / (1 + r),
@@ -70,12 +70,7 @@ def test_gradient_is_h_times_dmd2_and_rkl_is_exactly_dmd2():
 
 # ------------------------------------------------------------------------------------------- the objective
 def run_config(tmp_path, teacher_folder, method="f_distill", **objective):
-    raw = tiny_teacher_raw(tmp_path / method, max_steps=4)
-    raw["method"] = method
-    raw["model"] = {"source": str(teacher_folder)}
-    raw["optim"] = {"generator": {"lr": 1e-3, "every": 2}, "critic": {"lr": 1e-3}}
-    raw["objective"] = {"gan_weight_gen": 1e-2, "gan_weight_disc": 1e-2, **objective}
-    return resolve(raw)
+    return resolve(tiny_dmd_raw(tmp_path / method, teacher_folder, method, **objective))
 
 
 def dm_grad(objective, x, cond, seed=1):

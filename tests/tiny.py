@@ -67,3 +67,24 @@ def t5_model(seed=0):
     config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
                       relative_attention_num_buckets=8, decoder_start_token_id=0)
     return T5EncoderModel(config).eval()
+
+
+def tiny_vae(shift_factor=None):
+    """A tiny AutoencoderKL (3 -> 4 latent channels, downsampling 2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(5)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.7,
+                         shift_factor=shift_factor).eval()
+
+
+def tiny_dmd_raw(output_dir, teacher_folder, method="dmd2", **objective):
+    """A raw run config distilling the tiny teacher folder with a DMD-family method (GAN on, generator every 2)."""
+    raw = tiny_teacher_raw(output_dir, max_steps=4)
+    raw["method"] = method
+    raw["model"] = {"source": str(teacher_folder)}
+    raw["optim"] = {"generator": {"lr": 1e-3, "every": 2}, "critic": {"lr": 1e-3}}
+    raw["objective"] = {"gan_weight_gen": 1e-2, "gan_weight_disc": 1e-2, **objective}
+    return raw
