@@ -94,14 +94,17 @@ class Denoiser(torch.nn.Module):
     def family(self) -> str:
         return backbones.family(self.backbone)
 
-    def clone(self, trainable: bool = True) -> "Denoiser":
+    def clone(self, trainable: bool = True, share_weights: bool = False) -> "Denoiser":
         """A deep copy (e.g. a student or fake score initialised from the teacher).
 
-        ``trainable``: every weight, or only the adapters of a LoRA denoiser. The copy is in eval mode:
-        distillation never wants a backbone's own training-time behaviour (DiT drops class labels in
-        train mode).
+        ``trainable``: every weight, or only the adapters of a LoRA denoiser. ``share_weights``: the copy's
+        modules hold this denoiser's own parameter and buffer tensors (no memory), e.g. as the frozen base of a
+        LoRA network (``clone(False, share_weights=True).with_lora(r)``: LoRA on the shared teacher weights).
+        The copy is in eval mode: distillation never wants a backbone's own training-time behaviour (DiT drops
+        class labels in train mode).
         """
-        other = copy.deepcopy(self)
+        memo = {id(t): t for t in (*self.parameters(), *self.buffers())} if share_weights else {}
+        other = copy.deepcopy(self, memo)
         lora = other.lora_layers()
         for name, p in other.named_parameters():
             p.requires_grad_(trainable and (not lora or "lora_" in name))

@@ -129,3 +129,85 @@ def test_generator_init_starts_from_another_run(tmp_path, teacher_folder):
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         build_trainer(dmd_run(tmp_path / "c", teacher_folder, generator_init=str(tmp_path / "missing")))
+
+
+def test_regression_and_dmd_regression_term_fit_teacher_pairs(tmp_path, teacher_folder):
+    from stepdistill import Cond
+    from stepdistill.pairs import make_pairs
+
+    make_pairs(str(teacher_folder), tmp_path / "pairs", 16, nfe=3, shard_size=16, batch_size=16, progress=False)
+    raw = tiny_dmd_raw(tmp_path / "reg", teacher_folder, "regression")
+    raw["data"] = {"dataset": "pairs", "path": str(tmp_path / "pairs"), "resolution": 8, "channels": 1}
+    raw["optim"] = {"generator": {"lr": 1e-3}}
+    raw["objective"] = {"huber_c": 0.05}
+    trainer = build_trainer(resolve(raw))
+    o = trainer.objective
+    assert o.fake_score is None and [p.name for p in o.phases()] == ["generator"]
+    batch = trainer._next_batch()
+    loss, logs = o.loss("generator", batch, 0)
+    with torch.no_grad():  # the loss is pseudo-Huber between G(noise) and the teacher's image from that noise
+        pred = o._generate(batch["noise"], Cond.from_batch(batch), grad=False)
+    torch.testing.assert_close(loss, pseudo_huber(pred, batch["image"], 0.05))
+    first = float(loss)
+    trainer.train(resume=None)
+    assert float(o.loss("generator", batch, 0)[0]) < first  # 4 steps of lr 1e-3 on 16 pairs fit them better
+
+    raw = tiny_dmd_raw(tmp_path / "dmd", teacher_folder, "dmd", regression_weight=1.0, gan_weight_gen=0.0,
+                       gan_weight_disc=0.0)
+    raw["data"] = {"dataset": "pairs", "path": str(tmp_path / "pairs"), "resolution": 8, "channels": 1}
+    trainer = build_trainer(resolve(raw))
+    trainer.train(resume=None)
+    import json
+
+    logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"generator/dm", "generator/regression", "critic/fake_score"} <= set(logs[-1])
+
+
+def test_lora_generator_and_fake_score_share_the_frozen_teacher_weights(tmp_path, teacher_folder):
+    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+
+    run = dmd_run(tmp_path, teacher_folder, generator_lora_rank=4, fake_score_lora_rank=4)
+    trainer = build_trainer(run)
+    o = trainer.objective
+    teacher0 = weights(o.teacher.backbone)
+    teacher_storage = {p.data_ptr() for p in o.teacher.parameters()}
+    for net in (o.generator, o.fake_score):
+        assert {p.data_ptr() for n, p in net.named_parameters() if "lora_" not in n} <= teacher_storage
+        assert all("lora_" in n for n, p in net.named_parameters() if p.requires_grad)
+    gen0, fake0 = weights(o.generator), weights(o.fake_score)
+    trainer.train(resume=None)
+    assert all(torch.equal(v, teacher0[k]) for k, v in weights(o.teacher.backbone).items())
+    for net, before in ((o.generator, gen0), (o.fake_score, fake0)):
+        after = weights(net)
+        assert any(not torch.equal(after[k], before[k]) for k in after if "lora_B" in k)  # the adapters trained
+    # the export is the teacher's weights plus the generator's LoRA file, and reproduces the generator
+    folder = export_run(trainer.output_dir, tmp_path / "export", ema=False)
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(folder)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2, 3])
+    images = pipe(class_labels=labels, latents=noise, output_type="pt").images
+    from stepdistill import Cond
+
+    with torch.no_grad():
+        direct = o._generate(noise, Cond(class_labels=labels), grad=False)
+    torch.testing.assert_close(images, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="one or the other"):
+        dmd_run(tmp_path, teacher_folder, generator_lora_rank=4, generator_init="x")
+
+
+def test_final_model_holds_the_generators_ema_weights(tmp_path, teacher_folder):
+    from stepdistill.models import load_model
+    from stepdistill.config import ModelConfig
+
+    run = dmd_run(tmp_path, teacher_folder)
+    run.train.ema_decay = 0.5
+    trainer = build_trainer(run)
+    trainer.train(resume=None)  # ends on a critic step: the generator's parameters are frozen there
+    names = trainer.trainable["generator"]
+    ema = dict(zip(names, trainer.ema.shadow_params))
+    final = load_model(ModelConfig(source=str(trainer.output_dir / "final"))).denoiser.backbone.state_dict()
+    raw = trainer.objective.generator.backbone.state_dict()
+    key = next(n for n in names if n.endswith("conv_in.weight")).removeprefix("backbone.")
+    assert torch.equal(final[key], ema[f"backbone.{key}"]) and not torch.equal(final[key], raw[key])

@@ -70,6 +70,10 @@ class DMD2Trainer(_NamedTrainer):
     method = "dmd2"
 
 
+class RegressionTrainer(_NamedTrainer):
+    method = "regression"
+
+
 class MSDTrainer(_NamedTrainer):
     method = "msd"
 
@@ -86,7 +90,7 @@ class DecoupledDMDTrainer(_NamedTrainer):
     method = "decoupled_dmd"
 
 
-from .dmd import DMDObjective, DMDv1Objective  # noqa: E402  (registers "dmd2", "dmd")
+from .dmd import DMDObjective, DMDv1Objective, RegressionObjective  # noqa: E402  (registers "dmd2", "dmd", "regression")
 from .msd import MSDObjective, MSDTSMObjective  # noqa: E402  (registers "msd", "msd_tsm")
 from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (registers "disback", "disback_record")
 from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
@@ -95,4 +99,4 @@ from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
 
 __all__ = ["Callback", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
            "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
-           "PeriodicEval", "Phase", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]
+           "PeriodicEval", "Phase", "RegressionObjective", "RegressionTrainer", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]

@@ -77,6 +77,14 @@ class DiscriminatorHead(torch.nn.Module):
         return self.net(features.float()).flatten(1).mean(1)
 
 
+def trainable_copy(teacher: Denoiser, lora_rank: int = 0) -> Denoiser:
+    """A trainable network initialised from the teacher: a full copy, or LoRA of ``lora_rank`` on the teacher's
+    own (frozen, shared) weights."""
+    if not lora_rank:
+        return teacher.clone(trainable=True)
+    return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank)
+
+
 def init_generator(generator: Denoiser, source: str) -> None:
     """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``)."""
     from pathlib import Path
@@ -121,23 +129,39 @@ class DMDConfig:
     # start before DMD2, or DMD2's SD1.5 stage 2 from stage 1; None: the teacher's weights
     generator_init: str | None = None
     label_dropout: float = 0.0  # the fake score's own CFG dropout (DMD2 trains it conditionally)
+    # LoRA instead of a full copy, on the frozen teacher's own weights (shared, not copied): 0 = full copy.
+    # The discriminator head sits on the fake score, so fake_score_lora_rank also makes the discriminator LoRA.
+    generator_lora_rank: int = 0
+    fake_score_lora_rank: int = 0
 
     def validate(self):
         from ..config import ConfigError
 
-        if self.student_steps < 1:
-            raise ConfigError(f"objective.student_steps must be >= 1, not {self.student_steps}")
+        validate_student(self)
+        if self.generator_lora_rank < 0 or self.fake_score_lora_rank < 0:
+            raise ConfigError("objective.generator_lora_rank and fake_score_lora_rank must be >= 0 (0: full copy)")
+        if self.generator_lora_rank and self.generator_init:
+            raise ConfigError("objective.generator_init loads full weights; a LoRA generator (generator_lora_rank) "
+                              "shares the teacher's: use one or the other")
         if not 0 <= self.dm_t_min < self.dm_t_max <= 1:
             raise ConfigError("objective.dm_t_min and dm_t_max must satisfy 0 <= dm_t_min < dm_t_max <= 1")
         if (self.gan_weight_gen > 0) != (self.gan_weight_disc > 0):
             raise ConfigError("set both objective.gan_weight_gen and objective.gan_weight_disc (or neither)")
-        if self.conditioning_timestep is not None:
-            if self.student_steps != 1:
-                raise ConfigError("objective.conditioning_timestep is for 1-step generators (student_steps: 1); a "
-                                  "K-step generator runs the timesteps of its recipe")
-            if self.recipe.startswith("flow"):
-                raise ConfigError("objective.conditioning_timestep is for VP teachers (recipe lcm or lcm_uniform); "
-                                  "flow recipes start at sigma = 1")
+
+
+def validate_student(cfg) -> None:
+    """The checks on a generator's steps, recipe and conditioning timestep (any config with those fields)."""
+    from ..config import ConfigError
+
+    if cfg.student_steps < 1:
+        raise ConfigError(f"objective.student_steps must be >= 1, not {cfg.student_steps}")
+    if cfg.conditioning_timestep is not None:
+        if cfg.student_steps != 1:
+            raise ConfigError("objective.conditioning_timestep is for 1-step generators (student_steps: 1); a "
+                              "K-step generator runs the timesteps of its recipe")
+        if cfg.recipe.startswith("flow"):
+            raise ConfigError("objective.conditioning_timestep is for VP teachers (recipe lcm or lcm_uniform); "
+                              "flow recipes start at sigma = 1")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -149,6 +173,7 @@ class DMDObjective(Objective):
     name = "dmd2"
     Config = DMDConfig
     ema_module = "generator"
+    has_critic = True  # a fake score (and discriminator head) trained on the generator's samples
 
     def __init__(self, config: DMDConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
                  resolution: int, channels: int):
@@ -159,8 +184,8 @@ class DMDObjective(Objective):
 
         self.teacher = teacher.freeze()
         self.teacher_scheduler = teacher_scheduler
-        self.generator = teacher.clone(trainable=True)
-        self.fake_score = teacher.clone(trainable=True)
+        self.generator = trainable_copy(teacher, getattr(config, "generator_lora_rank", 0))
+        self.fake_score = trainable_copy(teacher, config.fake_score_lora_rank) if self.has_critic else None
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
         self.schedule = teacher.schedule
         self.null_cond = teacher.null_cond  # text teachers: the encoded empty prompt (CFG, shapes, samples)
@@ -176,7 +201,7 @@ class DMDObjective(Objective):
         self.sampler = sampler_of(self.student_scheduler)
         self.timesteps = student_timesteps(self.student_scheduler, config.student_steps, pipeline)
         self.disc_head = None
-        if config.gan_weight_disc > 0:
+        if self.has_critic and config.gan_weight_disc > 0:
             feats = self._features(self.fake_score, torch.zeros(1, channels, resolution, resolution),
                                    torch.tensor([500.0]), self._random_cond(1, torch.device("cpu")))
             self.disc_head = DiscriminatorHead(feats.shape[-1] if feats.ndim == 3 else feats.shape[1],
@@ -210,7 +235,7 @@ class DMDObjective(Objective):
                 raise ConfigError(f"the teacher {run.model.source!r} is text-conditioned: set data.dataset=prompts "
                                   "and data.path to a prompt file (.txt, or .jsonl with images for a GAN term)")
         has_images = data is not None and len(data) > 0 and "image" in data[0]
-        if cfg.gan_weight_disc > 0 and not has_images:
+        if getattr(cfg, "gan_weight_disc", 0) > 0 and not has_images:
             raise ConfigError("the GAN term (objective.gan_weight_*) needs real images: set data.dataset to "
                               "digits or folder (or prompts from a .jsonl naming an image per prompt), or set the "
                               "GAN weights to 0")
@@ -219,8 +244,8 @@ class DMDObjective(Objective):
         if has_images and data[0]["image"].shape[0] != channels:
             raise ConfigError(f"the data's images have {data[0]['image'].shape[0]} channels, but the teacher "
                               f"takes {channels}")
-        if cfg.regression_weight > 0 and (data is None or "noise" not in data[0]):
-            raise ConfigError("the regression loss (objective.regression_weight) needs teacher (noise, image) "
+        if cls.needs_pairs(cfg) and (data is None or "noise" not in data[0]):
+            raise ConfigError(f"the regression loss (method {run.method}) needs teacher (noise, image) "
                               "pairs: run `stepdistill make-pairs` and set data.dataset=pairs, data.path=DIR")
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
         objective = cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
@@ -229,6 +254,10 @@ class DMDObjective(Objective):
         if cfg.generator_init:
             init_generator(objective.generator, cfg.generator_init)
         return objective
+
+    @classmethod
+    def needs_pairs(cls, config) -> bool:
+        return config.regression_weight > 0
 
     def phases(self):
         critic = ("fake_score",) + (("disc_head",) if self.disc_head is not None else ())
@@ -295,18 +324,23 @@ class DMDObjective(Objective):
         logs = self.distribution_matching(x, cond)
         total = sum(w * logs[k] for k, w in self.dm_weights().items())
         if cfg.regression_weight > 0:
-            pair_cond = Cond.from_batch(batch)
-            pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
-            dist = (pseudo_huber(pred, batch["image"], cfg.huber_c) if cfg.regression_distance == "pseudo_huber"
-                    else F.mse_loss(pred.float(), batch["image"].float()))
-            logs["regression"] = dist
-            total = total + cfg.regression_weight * dist
+            logs["regression"] = self.regression_loss(batch, cond)
+            total = total + cfg.regression_weight * logs["regression"]
         if self.disc_head is not None:
             t_gan = self._gan_t(shape[0], device)
             noisy = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
             logs["gan"] = gan_generator_loss(self.disc_head(self._features(self.fake_score, noisy, t_gan, cond)))
             total = total + cfg.gan_weight_gen * logs["gan"]
         return total, {k: v.detach() for k, v in logs.items()}
+
+    def regression_loss(self, batch: dict, cond: Cond) -> torch.Tensor:
+        """DMD's regression loss: the distance between the generator's sample from a pair's noise and the
+        teacher's ODE solution from that noise (``make-pairs``); ``cond`` when the pairs carry none."""
+        pair_cond = Cond.from_batch(batch)
+        pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
+        if self.config.regression_distance == "pseudo_huber":
+            return pseudo_huber(pred, batch["image"], self.config.huber_c)
+        return F.mse_loss(pred.float(), batch["image"].float())
 
     def dm_timesteps(self, n: int, device) -> torch.Tensor:
         big_t = self.schedule.num_train_timesteps
@@ -401,3 +435,48 @@ class DMDv1Objective(DMDObjective):
         defaults["generator"] = {**defaults["generator"], "every": 1}
         return defaults
 
+
+
+@dataclass
+class RegressionConfig:
+    student_steps: int = 1
+    recipe: Literal["lcm", "lcm_uniform", "flow_lcm", "flow_euler"] = "lcm_uniform"
+    conditioning_timestep: int | None = None
+    regression_distance: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    huber_c: float = 0.03
+    output_clamp: float | None = None
+    generator_init: str | None = None
+
+    def validate(self):
+        validate_student(self)
+
+
+@register
+class RegressionObjective(DMDObjective):
+    """Knowledge distillation (Luhman & Luhman 2021): the student maps the teacher's noise to the teacher's
+    ODE solution from it, ``min E d(G(z), ODE_teacher(z))`` over pairs from ``stepdistill make-pairs`` — DMD's
+    regression loss alone. The sharpest warm start for DMD/DMD2 on a small budget (the quickstart's stage 1)."""
+
+    name = "regression"
+    Config = RegressionConfig
+    has_critic = False
+
+    @classmethod
+    def phase_names(cls, config):
+        return ["generator"]
+
+    @classmethod
+    def optim_defaults(cls, config):
+        return {"generator": {"lr": 1e-4, "lr_schedule": "constant", "max_grad_norm": 10.0}}
+
+    @classmethod
+    def needs_pairs(cls, config) -> bool:
+        return True
+
+    def phases(self):
+        return [Phase("generator", ("generator",))]
+
+    def loss(self, phase, batch, step):
+        cond = self._cond(batch, batch["batch_size"], self.device)
+        dist = self.regression_loss(batch, cond)
+        return dist, {"regression": dist.detach()}

@@ -237,7 +237,9 @@ class DistillTrainer:
         if self.ema is None:
             yield
             return
-        params = [p for p in self.raw[self.objective.ema_module].parameters() if p.requires_grad]
+        name = self.objective.ema_module
+        named = dict(self.raw[name].named_parameters())
+        params = [named[n] for n in self.trainable[name]]  # by name: requires_grad is off outside its phase
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
