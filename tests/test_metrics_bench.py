@@ -123,3 +123,26 @@ def test_eval_reads_the_steps_an_export_recorded(folders, cache, tmp_path):
                  "--metrics", "fid,kid", *FAST]) == 0
     teacher = json.loads(out2.read_text())["models"][0]
     assert student["results"][0]["fid"] == pytest.approx(teacher["results"][0]["fid"], rel=1e-5)
+
+
+def test_bench_reuses_a_measurement_only_under_the_same_protocol(folders, cache, tmp_path):
+    first = tmp_path / "first"
+    args = ["bench", "--teacher", str(folders / "teacher"), "--teacher-nfe", "1,2", "--cache-dir", cache]
+    assert main([*args, "--out-dir", str(first), *FAST]) == 0
+    old = json.loads((first / "results.json").read_text())
+    (first / "results.json").write_text(json.dumps(old).replace(str(folders), "/elsewhere"))  # paths may differ
+
+    again = tmp_path / "again"
+    assert main([*args, "--teacher-nfe", "1,2,4", "--out-dir", str(again), "--reuse", str(first / "results.json"),
+                 *FAST]) == 0
+    rows = json.loads((again / "results.json").read_text())["models"][0]["results"]
+    assert [r.get("reused", False) for r in rows] == [True, True, False]
+    assert [r["fid"] for r in rows[:2]] == [r["fid"] for r in old["models"][0]["results"]]
+    assert sorted(p.name for p in (again / "samples").glob("*.png")) == ["teacher_nfe4.png"]
+
+    other_seed = tmp_path / "seed1"
+    assert main([*args, "--out-dir", str(other_seed), "--reuse", str(first / "results.json"), *FAST,
+                 "--seed", "1"]) == 0
+    rows = json.loads((other_seed / "results.json").read_text())["models"][0]["results"]
+    assert not any(r.get("reused") for r in rows)
+    assert main([*args, "--out-dir", str(tmp_path / "x"), "--reuse", str(tmp_path / "none.json"), *FAST]) == 2

@@ -76,6 +76,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--student", action="append", default=[], metavar="PATH[@NFE,...]",
                    help="an exported student pipeline folder, at its saved steps or at @1,2,4; repeatable")
     p.add_argument("--out-dir", default="bench", help="where results.json, nfe_vs_fid.png and samples/ go")
+    p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                   help="an earlier results.json: a model measured there with the same weights, sampler and "
+                        "protocol is not generated again (its rows are marked reused)")
     _common(p, 2000)
 
 
@@ -155,7 +158,7 @@ def run_bench(args) -> int:
     if len(set(names)) != len(names):
         raise _error(f"models need distinct names (folder names): {names}")
     out = Path(args.out_dir) / "results.json"
-    results = run_benchmark(models, settings, out, log=_log(args))
+    results = run_benchmark(models, settings, out, log=_log(args), reuse=_read_results(args.reuse))
     print(_summary(results))
     floor = results["protocol"].get("real_vs_real")
     if floor:
@@ -164,6 +167,19 @@ def run_bench(args) -> int:
     print(f"wrote {out}, {out.parent / 'nfe_vs_fid.png'}, {out.parent / 'samples'}/ "
           f"({results['protocol']['wall_seconds']:.0f} s)")
     return 0
+
+
+def _read_results(path: str | None) -> dict | None:
+    if not path:
+        return None
+    import json
+
+    try:
+        results = json.loads(Path(path).read_text())
+        results["protocol"], results["models"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _error(f"--reuse {path}: not a readable results.json of `stepdistill bench` ({exc})") from None
+    return results
 
 
 def _log(args):

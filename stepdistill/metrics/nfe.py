@@ -28,8 +28,10 @@ from .fid import FidelityEvaluator, METRICS
 from .samplers import EvalModel, to_uint8_unit
 
 DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
-RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n")
+RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n", "reused")
 GRID_COUNT = 100
+NOISE_RULE = ("sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the "
+              "same for every model and NFE")
 
 
 @dataclass
@@ -104,10 +106,32 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
             "timed_images": timed_images}
 
 
+def _comparable(protocol_or_model: dict) -> dict:
+    """What must match for two measurements to be the same measurement (paths, versions and times may differ)."""
+    drop = {"library", "wall_seconds", "created", "folder", "weights_path", "latency", "models", "real_vs_real",
+            "stepdistill", "nfe", "source"}
+    return {k: _comparable(v) if isinstance(v, dict) else v for k, v in protocol_or_model.items() if k not in drop}
+
+
+def reusable_rows(previous: dict | None, model: EvalModel, protocol: dict) -> dict[int, dict]:
+    """The rows of ``model`` in an earlier ``results.json`` measured under the same protocol (feature extractor
+    weights, reference, N, seed, KID settings) with the same weights and sampler: ``{nfe: row}``."""
+    if not previous or _comparable({k: previous["protocol"].get(k) for k in protocol}) != _comparable(protocol):
+        return {}
+    old = previous["protocol"].get("models", {}).get(model.name)
+    if old is None or _comparable(old) != _comparable(model.describe()):
+        return {}
+    entry = next(m for m in previous["models"] if m["name"] == model.name)
+    return {r["nfe"]: {**r, "reused": True} for r in entry["results"]}
+
+
 def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSettings,
-                  results_path: str | Path = "bench/results.json", log=print) -> dict:
+                  results_path: str | Path = "bench/results.json", log=print, reuse: dict | None = None) -> dict:
     """Evaluate each (model, NFE list); write ``results_path`` and, next to it, ``details.json``,
-    ``nfe_vs_fid.png`` and ``samples/<model>_nfe<K>.png``."""
+    ``nfe_vs_fid.png`` and ``samples/<model>_nfe<K>.png``.
+
+    ``reuse``: an earlier results.json; a (model, NFE) measured there under the same protocol with the same weights
+    is taken from it (marked ``"reused": true``; no sample grid) instead of being generated again."""
     results_path = Path(results_path)
     out_dir = results_path.parent
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -122,9 +146,15 @@ def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSett
     floor = (evaluator.floor(settings.n, settings.floor_splits, stratified=balanced)
              if "fid" in settings.metrics and settings.floor_splits > 0 else None)
     entries, details = [], []
+    same_protocol = evaluator.protocol(settings.n) | {"seed": settings.seed, "noise": NOISE_RULE}
     for model, nfes in models:
         rows = []
+        previous = reusable_rows(reuse, model, same_protocol)
         for nfe in nfes:
+            if nfe in previous:
+                rows.append(previous[nfe])
+                log(f"{model.name} ({model.kind}) nfe={nfe}: fid={previous[nfe]['fid']:.4g} (reused)")
+                continue
             grid = out_dir / "samples" / f"{slug(model.name)}_nfe{nfe}.png"
             row = evaluate_point(model, nfe, evaluator, settings, grid)
             rows.append(row)
@@ -132,7 +162,7 @@ def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSett
                 f"{k}={row[k]:.4g}" for k in ("fid", "kid_mean", "kid_std", "precision", "recall", "seconds_per_image")
                 if k in row))
         entries.append({"name": model.name, "kind": model.kind,
-                        "results": [{k: r.get(k) for k in RESULT_KEYS} for r in rows]})
+                        "results": [{k: r[k] for k in RESULT_KEYS if k in r} for r in rows]})
         details.append({"name": model.name, "kind": model.kind, "results": rows})
     protocol = build_protocol(evaluator, settings, models, floor, time.time() - started)
     results = {"protocol": protocol, "models": entries}
@@ -153,8 +183,7 @@ def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models
     return {
         **evaluator.protocol(settings.n),
         "seed": settings.seed,
-        "noise": "sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the same for "
-                 "every model and NFE",
+        "noise": NOISE_RULE,
         "class_labels": labels,
         "nfe": "sampler steps; each is one network call per sample at guidance 1 (two, batched, with CFG)",
         "guidance": main.guidance,
