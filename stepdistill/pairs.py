@@ -228,8 +228,9 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     path. Resumes when ``out_dir`` holds an interrupted run with the same settings.
 
     ``model``: a :class:`~stepdistill.config.ModelConfig`, a :class:`~stepdistill.models.LoadedModel` or a source
-    string (``digits-teacher``, a teacher folder, a Hub id). ``solver``: ``ddim``, ``euler`` or ``heun``; ``nfe``:
-    the number of **steps** (timesteps of the teacher's scheduler; Heun evaluates about twice per step).
+    string (``digits-teacher``, a teacher folder, a Hub id). ``solver``: ``ddim``, ``euler``, ``heun`` or
+    ``dpmpp_2m``; ``nfe``: the number of **steps** (timesteps of the teacher's scheduler; Heun evaluates about
+    twice per step).
     ``guidance_scale``: standard CFG (1 = none). ``labels``: ``balanced`` (``i % num_classes``) or ``random``.
     ``prompts``: a prompt file or a list of strings for text teachers, encoded once with ``prompt_encoder`` (by
     default :meth:`PromptEncoder.from_pretrained` of the teacher's pipeline folder). ``batch_size`` changes speed
@@ -538,7 +539,8 @@ def add_cli(sub) -> None:
                    help="'digits-teacher', a teacher folder (unet/ + scheduler/) or a Hub id in the local cache")
     p.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
     p.add_argument("--n", type=int, default=1024, help="number of pairs")
-    p.add_argument("--solver", choices=("ddim", "euler", "heun"), default="ddim")
+    p.add_argument("--solver", choices=("ddim", "euler", "heun", "dpmpp_2m"), default="ddim",
+                   help="teacher ODE solver (dpmpp_2m: DPM-Solver++(2M), the most accurate per evaluation)")
     p.add_argument("--nfe", type=int, default=25,
                    help="teacher steps (timesteps of its scheduler); heun evaluates about twice per step")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale, standard form (1 = none)")

@@ -97,10 +97,37 @@ def heun_step(model: X0Fn, schedule: NoiseSchedule, x: torch.Tensor, t, t_next) 
     return torch.where(first_order, x_euler, to_x(y_heun, tau_n)).to(x.dtype)
 
 
-SOLVERS = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step}
+def dpmpp_2m_step(x0: torch.Tensor, x0_prev: torch.Tensor | None, x: torch.Tensor, schedule: NoiseSchedule,
+                  t_prev, t, t_next) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction) from ``t`` to
+    ``t_next`` given the x0 predictions at ``t`` and at the previous timestep ``t_prev``:
+
+    ``x_next = (s_n / s_t) x - a_n (e^{-h} - 1) D`` with ``lambda = log(a / s)``, ``h = lambda_n - lambda_t``,
+    ``D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev``, ``r = h_prev / h`` (``h_prev = lambda_t - lambda_prev``). The
+    first step, and one whose previous step started at alpha = 0 (zero terminal SNR: ``h_prev = inf``), uses
+    ``D = x0``: DPM-Solver++(1), i.e. DDIM."""
+    xf = _work(x)
+    t, t_next = _t(t, xf), _t(t_next, xf)
+    x0 = x0.to(xf.dtype)
+    a_t, s_t = (_expand(c, xf).to(x.device) for c in schedule.alpha_sigma(t, xf.dtype))
+    a_n, s_n = (_expand(c, xf).to(x.device) for c in schedule.alpha_sigma(t_next, xf.dtype))
+    lam_t, lam_n = torch.log(a_t / s_t), torch.log(a_n / s_n)
+    h = lam_n - lam_t
+    d = x0
+    if x0_prev is not None:
+        a_p, s_p = (_expand(c, xf).to(x.device) for c in schedule.alpha_sigma(_t(t_prev, xf), xf.dtype))
+        r = (lam_t - torch.log(a_p / s_p)) / h
+        second = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev.to(xf.dtype)
+        d = torch.where(torch.isfinite(r), second, x0)
+    return ((s_n / s_t) * xf - a_n * torch.expm1(-h) * d).to(x.dtype)
+
+
+SOLVERS = {"ddim": ddim_step, "euler": euler_step, "heun": heun_step, "dpmpp_2m": None}  # multistep: in sample()
 
 
 def solver_step(name: str, model: X0Fn, schedule: NoiseSchedule, x, t, t_next, **kwargs) -> torch.Tensor:
+    if SOLVERS.get(name, 0) is None:
+        raise ValueError(f"{name} is a multistep solver: it runs through sample(), not one step at a time")
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; expected one of {sorted(SOLVERS)}")
     return SOLVERS[name](model, schedule, x, t, t_next, **kwargs)
@@ -114,9 +141,15 @@ def sample(model: X0Fn, schedule: NoiseSchedule, noise: torch.Tensor, timesteps,
     """
     x = noise
     ts = [float(t) for t in timesteps]
+    x0_prev = None
     for i, t in enumerate(ts):
         if i == len(ts) - 1:
             return _work(model(x, _t(t, x))).to(noise.dtype)
+        if solver == "dpmpp_2m":  # the last timestep's x0 is DPM-Solver++'s first-order final step to sigma = 0
+            x0 = model(x, _t(t, x))
+            x = dpmpp_2m_step(x0, x0_prev, x, schedule, ts[i - 1] if i else None, t, ts[i + 1])
+            x0_prev = x0
+            continue
         kwargs = {}
         if solver == "ddim" and eta > 0:
             kwargs = {"eta": eta, "noise": torch.randn(x.shape, generator=generator, device=x.device)}

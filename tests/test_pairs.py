@@ -43,7 +43,7 @@ def assert_same_pairs(a, b):
 
 
 @pytest.mark.parametrize("solver, guidance, labels", [("ddim", 1.0, "balanced"), ("heun", 2.0, "random"),
-                                                      ("euler", 1.5, "balanced")])
+                                                      ("euler", 1.5, "balanced"), ("dpmpp_2m", 1.0, "random")])
 def test_images_are_the_teachers_ode_solution_from_the_stored_noise(teacher, tmp_path, solver, guidance, labels):
     out = tmp_path / "pairs"
     make_pairs(str(teacher), out, 6, solver=solver, guidance_scale=guidance, labels=labels, **FAST)
@@ -74,7 +74,7 @@ def test_images_are_the_teachers_ode_solution_from_the_stored_noise(teacher, tmp
                         data.noise[start:stop], timesteps, solver)
         assert torch.equal(data.images[start:stop], direct)
     # evaluations: 1 per step for DDIM/Euler; Heun 2 per step but the last and the one from t=999 (zero SNR: Euler)
-    assert manifest["network_evaluations"] == {"ddim": 3, "euler": 3, "heun": 4}[solver]
+    assert manifest["network_evaluations"] == {"ddim": 3, "euler": 3, "heun": 4, "dpmpp_2m": 3}[solver]
 
 
 def test_ddim_pairs_are_the_teacher_pipeline_on_noise_eval_never_draws(teacher, tmp_path):

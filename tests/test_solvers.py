@@ -359,3 +359,41 @@ def test_zero_terminal_snr_start():
         out = sample(gaussian_x0(schedule, c), schedule, noise, ts, solver=solver)
         assert torch.isfinite(out).all(), solver
         assert float((out / noise).mean()) == pytest.approx(k_exact, rel=tol), solver
+
+
+# ------------------------------------------------------------------------------------------ DPM-Solver++(2M)
+@pytest.mark.parametrize("num_steps,prediction", [(10, "epsilon"), (4, "v_prediction"), (25, "epsilon")])
+def test_dpmpp_2m_sample_matches_diffusers(num_steps, prediction):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(**SD_BETAS, prediction_type=prediction, algorithm_type="dpmsolver++",
+                                        solver_order=2, final_sigmas_type="zero", timestep_spacing="trailing")
+    schedule = NoiseSchedule.from_scheduler(DDIMScheduler(**SD_BETAS, prediction_type=prediction))
+    sched.set_timesteps(num_steps)
+    x = ref = _x(5, torch.float64)
+    for t in sched.timesteps:
+        ref = sched.step(raw_fn(ref, torch.tensor([float(t)])).double(), t, ref).prev_sample
+    ours = sample(x0_model(schedule, prediction), schedule, x, sched.timesteps, "dpmpp_2m")
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_dpmpp_2m_is_second_order_on_gaussian_data():
+    from stepdistill.solvers import dpmpp_2m_step
+
+    c, (t0, t1) = 0.5, (900.0, 60.0)
+    schedule = _vp()[0]
+    model = gaussian_x0(schedule, c)
+    x_start = _x(13, torch.float64)
+    exact = x_start * marginal_std(schedule, t1, c) / marginal_std(schedule, t0, c)
+    err = {}
+    for n in (8, 32, 64, 128):
+        ts = [float(round(v)) for v in torch.linspace(t0, t1, n + 1).tolist()]
+        x, x0_prev = x_start, None
+        for i in range(n):
+            x0 = model(x, torch.full((x.shape[0],), ts[i], dtype=torch.float64))
+            x = dpmpp_2m_step(x0, x0_prev, x, schedule, ts[i - 1] if i else None, ts[i], ts[i + 1])
+            x0_prev = x0
+        err[n] = float((x - exact).abs().max() / exact.abs().max())
+        assert err[n] < float((_solve("euler", schedule, model, x_start, ts) - exact).abs().max()
+                              / exact.abs().max()) / 10, err
+    assert 3.0 < err[32] / err[64] < 5.0 and 3.2 < err[64] / err[128] < 5.0, err  # second order (asymptotically)
