@@ -85,6 +85,22 @@ def trainable_copy(teacher: Denoiser, lora_rank: int = 0) -> Denoiser:
     return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank)
 
 
+def _regression_lpips(cfg, channels: int):
+    from ..config import ConfigError
+    from ..lpips import LPIPSError, load_lpips
+
+    if not cfg.lpips_weights:
+        raise ConfigError("objective.regression_distance=lpips needs objective.lpips_weights=PATH (torchvision's "
+                          "VGG16 weights, e.g. vgg16-397923af.pth); or use pseudo_huber")
+    if channels not in (1, 3):
+        raise ConfigError(f"LPIPS compares images; this teacher works on {channels}-channel latents: use "
+                          "objective.regression_distance=pseudo_huber")
+    try:
+        return load_lpips(cfg.lpips_weights)
+    except LPIPSError as exc:
+        raise ConfigError(f"objective.lpips_weights: {exc}") from None
+
+
 def init_generator(generator: Denoiser, source: str) -> None:
     """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``)."""
     from pathlib import Path
@@ -119,8 +135,9 @@ class DMDConfig:
     dm_t_max: float = 0.98
     dm_weight: float = 1.0
     regression_weight: float = 0.0  # DMD: weight of the regression loss on teacher (noise, image) pairs
-    regression_distance: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    regression_distance: Literal["pseudo_huber", "mse", "lpips"] = "pseudo_huber"  # DMD's paper: LPIPS
     huber_c: float = 0.03
+    lpips_weights: str | None = None  # lpips: torchvision's VGG16 weights file (nothing is downloaded)
     gan_weight_gen: float = 0.0  # DMD2: generator GAN weight (SDXL 5e-3, SD1.5 1e-3, ImageNet 3e-3)
     gan_weight_disc: float = 0.0  # DMD2: discriminator (classifier) weight 1e-2
     gan_t_max: float = 1.0  # diffusion GAN: real and fake images noised at t ~ U[0, gan_t_max * T]
@@ -244,11 +261,15 @@ class DMDObjective(Objective):
         if has_images and data[0]["image"].shape[0] != channels:
             raise ConfigError(f"the data's images have {data[0]['image'].shape[0]} channels, but the teacher "
                               f"takes {channels}")
+        lpips_net = None
+        if cls.needs_pairs(cfg) and cfg.regression_distance == "lpips":
+            lpips_net = _regression_lpips(cfg, channels)
         if cls.needs_pairs(cfg) and (data is None or "noise" not in data[0]):
             raise ConfigError(f"the regression loss (method {run.method}) needs teacher (noise, image) "
                               "pairs: run `stepdistill make-pairs` and set data.dataset=pairs, data.path=DIR")
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
         objective = cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
+        objective.lpips_net = lpips_net
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
             objective.base_folder = loaded.folder  # export links the VAE and text encoders from it
         if cfg.generator_init:
@@ -340,6 +361,10 @@ class DMDObjective(Objective):
         pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
         if self.config.regression_distance == "pseudo_huber":
             return pseudo_huber(pred, batch["image"], self.config.huber_c)
+        if self.config.regression_distance == "lpips":
+            from ..lpips import lpips_distance
+
+            return lpips_distance(self.lpips_net, pred, batch["image"])
         return F.mse_loss(pred.float(), batch["image"].float())
 
     def dm_timesteps(self, n: int, device) -> torch.Tensor:
@@ -442,8 +467,9 @@ class RegressionConfig:
     student_steps: int = 1
     recipe: Literal["lcm", "lcm_uniform", "flow_lcm", "flow_euler"] = "lcm_uniform"
     conditioning_timestep: int | None = None
-    regression_distance: Literal["pseudo_huber", "mse"] = "pseudo_huber"
+    regression_distance: Literal["pseudo_huber", "mse", "lpips"] = "pseudo_huber"
     huber_c: float = 0.03
+    lpips_weights: str | None = None
     output_clamp: float | None = None
     generator_init: str | None = None
 
