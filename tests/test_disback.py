@@ -133,6 +133,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder, recorded):
         build_trainer(backtrack_run(tmp_path, teacher_folder, tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="recorded for 1: the path belongs to another initial student"):
         build_trainer(backtrack_run(tmp_path, teacher_folder, recorded.output_dir, student_steps=4))
+    with pytest.raises(ConfigError, match="generator_init is .* the path belongs to another initial student"):
+        build_trainer(backtrack_run(tmp_path, teacher_folder, recorded.output_dir, generator_init=str(teacher_folder)))
     with pytest.raises(ConfigError, match="trains only the score model"):
         record_run(tmp_path, teacher_folder, gan_weight_gen=1e-2, gan_weight_disc=1e-2)
     with pytest.raises(ConfigError, match="record_every must be >= 1"):

@@ -266,3 +266,19 @@ def test_digits_recipes_run_on_the_shipped_teacher(tmp_path):
     trainer.train(resume=None)
     logs = json.loads((trainer.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"generator/dm", "critic/fake_score"} <= set(logs)
+
+
+def test_generator_init_starts_every_student_from_a_warm_start(tmp_path, teacher_folder):
+    warm = build_trainer(msd_run(tmp_path, teacher_folder, name="warm", max_steps=1, fake_score="shared"))
+    warm.objective.generator.members[0].backbone.conv_in.weight.data.add_(1.0)  # a distinct first student
+    warm.objective.save_pretrained(tmp_path / "warm_students")
+    from stepdistill.models import save_model
+
+    first = warm.objective.generator.members[0]
+    save_model(first, warm.objective.teacher_scheduler, tmp_path / "warm_model", {"num_classes": 10})
+    o = build_trainer(msd_run(tmp_path, teacher_folder, generator_init=str(tmp_path / "warm_model"))).objective
+    for student in o.students:
+        assert torch.equal(student.backbone.conv_in.weight, first.backbone.conv_in.weight)
+    with pytest.raises(ConfigError, match="students of the teacher's size"):
+        build_trainer(msd_run(tmp_path, teacher_folder, name="small", student_backbone_config=SMALL,
+                              generator_init=str(tmp_path / "warm_model")))

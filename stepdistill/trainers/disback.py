@@ -37,8 +37,8 @@ from .dmd import DMDConfig, DMDObjective, dmd_gradient, dmd_loss
 
 PATH_DIR = "path"
 RECORD_FILE = "record.json"
-# what makes stage 1's initial student the same as stage 2's (both are the teacher's copy, sampled like this)
-_STUDENT_KEYS = ("student_steps", "recipe", "output_clamp")
+# what makes stage 1's initial student the same as stage 2's (the teacher's copy or a warm start, sampled like this)
+_STUDENT_KEYS = ("student_steps", "recipe", "output_clamp", "generator_init")
 
 
 # ------------------------------------------------------------------------------------------------ the math

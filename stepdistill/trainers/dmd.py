@@ -102,7 +102,8 @@ def _regression_lpips(cfg, channels: int):
 
 
 def init_generator(generator: Denoiser, source: str) -> None:
-    """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``)."""
+    """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``); a routed
+    generator (MSD) loads them into every student."""
     from pathlib import Path
 
     from ..config import ConfigError, ModelConfig
@@ -111,12 +112,13 @@ def init_generator(generator: Denoiser, source: str) -> None:
     if (folder / "final").is_dir():
         folder = folder / "final"
     weights = load_model(ModelConfig(source=str(folder))).denoiser.backbone.state_dict()
-    own = generator.backbone.state_dict()
-    if weights.keys() != own.keys() or any(weights[k].shape != own[k].shape for k in own):
-        raise ConfigError(f"objective.generator_init={source!r} holds a {type(generator.backbone).__name__} "
-                          "whose weights do not match the student built from the teacher; give a run of the "
-                          "same teacher")
-    generator.backbone.load_state_dict(weights)
+    for member in getattr(generator, "members", [generator]):
+        own = member.backbone.state_dict()
+        if weights.keys() != own.keys() or any(weights[k].shape != own[k].shape for k in own):
+            raise ConfigError(f"objective.generator_init={source!r} holds a {type(member.backbone).__name__} "
+                              "whose weights do not match the student built from the teacher; give a run of the "
+                              "same teacher (and students of the teacher's size)")
+        member.backbone.load_state_dict(weights)
 
 
 # ------------------------------------------------------------------------------------------------ config
