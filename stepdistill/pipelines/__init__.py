@@ -12,6 +12,8 @@ _EXPORTS = {
     "MultiStudentPipeline": "multi_student",
     "MultiStudentUNet": "multi_student",
     "MultiStudentSpec": "multi_student",
+    "MultiStudentTextPipeline": "multi_student_text",
+    "MultiStudentUNet2DConditionModel": "multi_student_text",
     "StudentLCMScheduler": "schedulers",
     "Recipe": "recipes",
     "RECIPES": "recipes",

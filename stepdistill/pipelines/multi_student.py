@@ -121,9 +121,17 @@ class MultiStudentSpec(ExportSpec):
     :func:`~stepdistill.pipelines.export_pipeline` hands such a spec to :meth:`export_to`."""
 
     students: list = field(default_factory=list)
-    owner: list[int] = field(default_factory=list)
+    owner: list[int] | None = field(default_factory=list)
+    keywords: list[list[str]] | None = None  # text students (owner None): each student's prompt keywords
+    default_student: int | None = None
 
     def export_to(self, out_dir, *, overwrite: bool = False, variants=(), lora_format=None, **_ignored) -> Path:
+        if self.keywords is not None:
+            from .multi_student_text import export_multi_student_text
+
+            if variants or lora_format not in (None, "fused"):
+                raise ValueError("multi-student exports write full float weights (no variants, no LoRA files)")
+            return export_multi_student_text(self, out_dir, overwrite=overwrite)
         return export_multi_student(self, out_dir, overwrite=overwrite, variants=variants, lora_format=lora_format)
 
 

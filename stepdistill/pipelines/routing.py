@@ -1,4 +1,5 @@
-"""Per-sample routing of a batch to K models by class label (multi-student models), as pure functions.
+"""Per-sample routing of a batch to K models by class label or by prompt keywords (multi-student models), as
+pure functions.
 
 Used by the MSD trainer's routed students and by the exported :class:`~stepdistill.pipelines.MultiStudentUNet`,
 so that training and the pipeline route identically. Plain torch: importing it loads no Diffusers pipeline.
@@ -20,6 +21,32 @@ def owners(labels: torch.Tensor, owner: list[int] | torch.Tensor) -> torch.Tenso
         raise ValueError(f"class label(s) {sorted(set(labels[bad].tolist()))} have no student (the students own "
                          f"classes 0..{len(table) - 1}; a multi-student model samples without CFG's null class)")
     return table[labels]
+
+
+def prompt_owner(prompt: str, keywords: list[list[str]], default: int | None = None) -> int:
+    """The student of a prompt: the one whose keywords occur in it as whole words (case-insensitive; a keyword
+    may be several words). No student's keywords: ``default`` (an error when None); several students': an error
+    naming them (a prompt has exactly one student)."""
+    import re
+
+    text = " " + " ".join(re.findall(r"[a-z0-9]+", prompt.lower())) + " "
+    hits = [k for k, words in enumerate(keywords)
+            if any(f" {' '.join(re.findall(r'[a-z0-9]+', w.lower()))} " in text for w in words)]
+    if len(hits) > 1:
+        raise ValueError(f"prompt {prompt!r} matches the keywords of students {hits}; each prompt needs exactly one "
+                         "student (make the keyword groups disjoint for it)")
+    if hits:
+        return hits[0]
+    if default is None:
+        raise ValueError(f"prompt {prompt!r} matches no student's keywords; add a keyword for it or set a default "
+                         "student")
+    return default
+
+
+def prompt_owners(prompts: list[str], keywords: list[list[str]], default: int | None = None,
+                  device=None) -> torch.Tensor:
+    """:func:`prompt_owner` of every prompt, as a tensor of student indices."""
+    return torch.tensor([prompt_owner(p, keywords, default) for p in prompts], dtype=torch.long, device=device)
 
 
 def route(student_of: torch.Tensor, num_students: int) -> list[torch.Tensor]:

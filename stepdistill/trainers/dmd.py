@@ -294,8 +294,12 @@ class DMDObjective(Objective):
             return self.null_cond.to(device).repeat(n)
         return Cond()
 
+    def _batch_cond(self, batch: dict) -> Cond:
+        """The condition the batch's samples carry (empty when the data has none)."""
+        return Cond.from_batch(batch)
+
     def _cond(self, batch: dict, n: int, device) -> Cond:
-        cond = Cond.from_batch(batch)
+        cond = self._batch_cond(batch)
         return cond if cond.batch_size else self._random_cond(n, device)
 
     @staticmethod
@@ -359,7 +363,7 @@ class DMDObjective(Objective):
     def regression_loss(self, batch: dict, cond: Cond) -> torch.Tensor:
         """DMD's regression loss: the distance between the generator's sample from a pair's noise and the
         teacher's ODE solution from that noise (``make-pairs``); ``cond`` when the pairs carry none."""
-        pair_cond = Cond.from_batch(batch)
+        pair_cond = self._batch_cond(batch)
         pred = self._generate(batch["noise"], pair_cond if pair_cond.batch_size else cond)
         if self.config.regression_distance == "pseudo_huber":
             return pseudo_huber(pred, batch["image"], self.config.huber_c)
@@ -415,7 +419,7 @@ class DMDObjective(Objective):
         if self.disc_head is not None:
             real = batch["image"]
             t_gan = self._gan_t(shape[0], device)
-            real_cond = Cond.from_batch(batch)
+            real_cond = self._batch_cond(batch)
             noisy_fake = self.schedule.add_noise(x, torch.randn_like(x), t_gan)
             noisy_real = self.schedule.add_noise(real, torch.randn_like(real), t_gan)
             logits_fake = self.disc_head(self._features(self.fake_score, noisy_fake, t_gan, cond))

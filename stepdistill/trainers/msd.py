@@ -12,7 +12,10 @@ Choices (the paper leaves them open or we could not verify them; methods.md mark
 
 - **Partition**: ``partition: [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]`` (class ids per student); default: the classes
   split evenly into ``num_students`` contiguous groups (sizes differ by at most one). Every class must have
-  exactly one student. Text prompts are not routed yet (see :func:`check_routable`).
+  exactly one student. Text teachers: ``prompt_partition: [["dog", "cat"], ["car", "street"]]`` — keywords per
+  student, matched as whole words; a prompt goes to the one student whose keywords it contains, or to
+  ``default_student`` when it contains none (every training prompt is checked before training starts). The
+  exported pipeline routes each prompt by the same rule.
 - **Fake scores**: one per student (``fake_score: per_student``, the paper's independent students), each with its
   own discriminator head; ``shared`` is one fake score (and head) for all students — cheaper, and since it is
   conditional it still models each class's student.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 from ..conditioning import Cond
 from ..denoiser import Denoiser
-from ..pipelines.routing import owners, route_call
+from ..pipelines.routing import owners, prompt_owners, route_call
 from . import register
 from .base import Objective, Phase
 from .dmd import DMDConfig, DMDObjective
@@ -105,22 +108,32 @@ def tsm_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------------------ routed modules
+def student_of(cond: Cond | None, owner: list[int] | None) -> torch.Tensor:
+    """Each sample's student: ``owner[label]`` for class-routed students (``owner`` given), else the indices the
+    objective put in ``cond.extra["student"]`` from the prompts (:func:`~stepdistill.pipelines.routing.prompt_owner`)."""
+    if owner is not None:
+        if cond is None or cond.class_labels is None:
+            raise ValueError("multi-student models route by class label: the condition has no class_labels")
+        return owners(cond.class_labels, owner)
+    if cond is None or "student" not in cond.extra:
+        raise ValueError("text multi-student models route by prompt: the condition has no extra['student']")
+    return cond.extra["student"].long()
+
+
 class RoutedDenoiser(torch.nn.Module):
-    """K Denoisers behind one Denoiser call: sample i goes to ``members[owner[label_i]]`` (see
+    """K Denoisers behind one Denoiser call: sample i goes to ``members[student_of(cond)[i]]`` (see
     :func:`stepdistill.pipelines.multi_student.route_call`); predictions and features come back in batch order."""
 
-    def __init__(self, members: list[Denoiser], owner: list[int]):
+    def __init__(self, members: list[Denoiser], owner: list[int] | None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
-        self.owner = [int(o) for o in owner]
+        self.owner = None if owner is None else [int(o) for o in owner]
         self.schedule = members[0].schedule
         self.prediction_type = members[0].prediction_type
         self.null_class = members[0].null_class
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, *, output: str = "sample",
                 guidance_scale=None, return_features: bool = False):
-        if cond is None or cond.class_labels is None:
-            raise ValueError("multi-student models route by class label: the condition has no class_labels")
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         s = guidance_scale
@@ -130,7 +143,7 @@ class RoutedDenoiser(torch.nn.Module):
             return self.members[k](x_t[idx], t[idx], cond[idx], output=output, guidance_scale=sk,
                                    return_features=return_features)
 
-        return route_call(owners(cond.class_labels, self.owner), len(self.members), call)
+        return route_call(student_of(cond, self.owner), len(self.members), call)
 
 
 class RoutedFeatures(NamedTuple):
@@ -152,15 +165,20 @@ class RoutedHeads(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ students
-def check_routable(num_classes: int | None) -> None:
-    """MSD routes by class label. Text-conditioned teachers are not routed yet: that needs the prompt (or its
-    index) in the Cond and a rule (a partition of prompt indices, or ``hash(prompt) mod K``) — left to do."""
+def check_routable(num_classes: int | None, cfg) -> None:
+    """Class teachers route by ``partition`` (class ids), text teachers by ``prompt_partition`` (keywords)."""
     from ..config import ConfigError
 
-    if not num_classes:
-        raise ConfigError("MSD routes samples to students by class label, and this teacher has no classes; "
-                          "routing text prompts (a partition of prompt indices or a hash rule) is not "
-                          "implemented yet")
+    if not num_classes and not hasattr(cfg, "prompt_partition"):
+        raise ConfigError("msd_tsm pretrains class-routed students; a text teacher's MSD students start as copies "
+                          "of the teacher (method msd with objective.prompt_partition)")
+    if num_classes and getattr(cfg, "prompt_partition", None):
+        raise ConfigError("objective.prompt_partition routes text prompts; this teacher is class-conditional: use "
+                          "objective.partition (class ids per student)")
+    if not num_classes and not cfg.prompt_partition:
+        raise ConfigError("MSD on a teacher without classes routes prompts by keywords: set "
+                          "objective.prompt_partition: [[keywords of student 0], [keywords of student 1], ...] and, "
+                          "for prompts with none of them, objective.default_student")
 
 
 def make_student(teacher: Denoiser, overrides: dict) -> Denoiser:
@@ -198,14 +216,15 @@ def check_student_output(student: Denoiser, teacher: Denoiser, k: int, num_class
     from ..config import ConfigError
 
     x = torch.zeros(2, channels, resolution, resolution, device=next(teacher.parameters()).device)
-    cond = Cond(class_labels=torch.tensor([0, num_classes - 1], device=x.device))
+    cond = (Cond(class_labels=torch.tensor([0, num_classes - 1], device=x.device)) if num_classes
+            else teacher.null_cond.to(x.device).repeat(2))
     t = torch.full((2,), 500.0, device=x.device)
     want = teacher(x, t, cond).shape
     try:
         got = student(x, t, cond).shape
     except Exception as exc:  # noqa: BLE001 - any failure of the student's forward is a config problem
-        raise ConfigError(f"student {k} cannot take the teacher's input (shape {tuple(x.shape)}, classes 0 and "
-                          f"{num_classes - 1}): {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"student {k} cannot take the teacher's input (shape {tuple(x.shape)}): "
+                          f"{type(exc).__name__}: {exc}") from exc
     if got != want:
         raise ConfigError(f"student {k}'s output has shape {tuple(got)} but the teacher's has {tuple(want)}; "
                           "objective.student_backbone_config must keep the channels and sample size")
@@ -262,14 +281,18 @@ def load_students(members: list[Denoiser], path, partition: list[list[int]]) -> 
 def build_students(teacher: Denoiser, cfg, num_classes: int | None, resolution: int, channels: int):
     """``(students, partition, owner)`` for a config with ``num_students`` / ``partition`` /
     ``student_backbone_config`` / ``student_init``; every check that can fail is a ConfigError."""
-    check_routable(num_classes)
-    partition = [list(g) for g in cfg.partition] if cfg.partition else even_partition(num_classes, cfg.num_students)
+    check_routable(num_classes, cfg)
     from ..config import ConfigError
 
+    if not num_classes:  # text: keyword groups, routed per prompt (owner None)
+        partition, owner = [list(g) for g in cfg.prompt_partition], None
+    else:
+        partition = ([list(g) for g in cfg.partition] if cfg.partition
+                     else even_partition(num_classes, cfg.num_students))
+        owner = owner_table(partition, num_classes)
     if len(partition) != cfg.num_students:
         raise ConfigError(f"objective.partition has {len(partition)} groups but objective.num_students is "
                           f"{cfg.num_students}")
-    owner = owner_table(partition, num_classes)
     students = [make_student(teacher, cfg.student_backbone_config) for _ in partition]
     for k, student in enumerate(students):
         check_student_output(student, teacher, k, num_classes, resolution, channels)
@@ -283,9 +306,14 @@ def _validate_students(cfg) -> None:
 
     if cfg.num_students < 1:
         raise ConfigError(f"objective.num_students must be >= 1, not {cfg.num_students}")
-    if cfg.partition is not None and len(cfg.partition) != cfg.num_students:
-        raise ConfigError(f"objective.partition has {len(cfg.partition)} groups but objective.num_students is "
-                          f"{cfg.num_students}")
+    for key in ("partition", "prompt_partition"):
+        groups = getattr(cfg, key, None)
+        if groups is not None and len(groups) != cfg.num_students:
+            raise ConfigError(f"objective.{key} has {len(groups)} groups but objective.num_students is "
+                              f"{cfg.num_students}")
+    default = getattr(cfg, "default_student", None)
+    if default is not None and not 0 <= default < cfg.num_students:
+        raise ConfigError(f"objective.default_student must name a student 0..{cfg.num_students - 1}, not {default}")
 
 
 def _fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -311,6 +339,10 @@ class MSDConfig(DMDConfig):
 
     num_students: int = 2
     partition: list[list[int]] | None = None
+    # text teachers: keywords per student (whole words, case-insensitive); a prompt goes to the one student whose
+    # keywords it contains, or to default_student when it contains none
+    prompt_partition: list[list[str]] | None = None
+    default_student: int | None = None
     fake_score: Literal["per_student", "shared"] = "per_student"
     student_backbone_config: dict = field(default_factory=dict)
     student_init: str | None = None
@@ -335,6 +367,12 @@ class MSDObjective(DMDObjective):
     ema_module = "generator"
 
     _routed_heads = False  # per-student discriminator heads (set in __init__)
+    partition: list | None = None  # set in __init__ (after DMD2's set-up, which already samples conditions)
+    owner: list[int] | None = None
+
+    @property
+    def routes_prompts(self) -> bool:
+        return self.partition is not None and self.owner is None
 
     def __init__(self, config: MSDConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
                  resolution: int, channels: int):
@@ -354,11 +392,38 @@ class MSDObjective(DMDObjective):
                 self.disc_head = RoutedHeads([self.disc_head] + [_fresh_copy(self.disc_head) for _ in range(k - 1)])
                 self._routed_heads = True
 
+    @classmethod
+    def from_config(cls, run, data=None) -> "MSDObjective":
+        from ..config import ConfigError
+
+        objective = super().from_config(run, data)
+        if objective.routes_prompts and getattr(data, "prompts", None):  # every training prompt needs one student
+            try:
+                prompt_owners(data.prompts, objective.partition, run.objective.default_student)
+            except ValueError as exc:
+                raise ConfigError(f"objective.prompt_partition: {exc}") from None
+        return objective
+
+    def _batch_cond(self, batch: dict) -> Cond:
+        """Text students: the batch's prompts decide each sample's student (``cond.extra["student"]``)."""
+        cond = super()._batch_cond(batch)
+        if self.routes_prompts and cond.batch_size:
+            students = prompt_owners(list(batch["prompt"]), self.partition, self.config.default_student,
+                                     device=cond.encoder_hidden_states.device)
+            cond = replace(cond, extra={**cond.extra, "student": students})
+        return cond
+
+    def _random_cond(self, n: int, device) -> Cond:
+        cond = super()._random_cond(n, device)
+        if self.routes_prompts:  # the empty prompt, spread over the students (sample grids)
+            cond = replace(cond, extra={**cond.extra, "student": torch.arange(n, device=device) % len(self.partition)})
+        return cond
+
     def _features(self, score, x, t, cond):
         """The fake score's bottleneck features; with per-student heads, tagged with each sample's student."""
         feats = score(x, t, cond, return_features=True)[1]
         if self._routed_heads:
-            return RoutedFeatures(feats, owners(cond.class_labels, self.owner))
+            return RoutedFeatures(feats, student_of(cond, self.owner))
         return feats
 
     @property
@@ -379,6 +444,9 @@ class MSDObjective(DMDObjective):
         return MultiStudentSpec(student=unwrap(self.generator), recipe=self.recipe,
                                 base_scheduler=self.teacher_scheduler, method=self.name, num_classes=self.num_classes,
                                 timesteps=self.timesteps, students=self.students, owner=self.owner,
+                                keywords=self.partition if self.routes_prompts else None,
+                                default_student=self.config.default_student,
+                                base_folder=getattr(self, "base_folder", None),
                                 meta={"resolution": self.resolution, "channels": self.channels,
                                       "partition": self.partition})
 
