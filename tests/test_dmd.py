@@ -204,7 +204,7 @@ def test_final_model_holds_the_generators_ema_weights(tmp_path, teacher_folder):
     run = dmd_run(tmp_path, teacher_folder)
     run.train.ema_decay = 0.5
     trainer = build_trainer(run)
-    trainer.train(resume=None)  # ends on a critic step: the generator's parameters are frozen there
+    trainer.train(resume=None)  # two phases; the EMA is the generator's only
     names = trainer.trainable["generator"]
     ema = dict(zip(names, trainer.ema.shadow_params))
     final = load_model(ModelConfig(source=str(trainer.output_dir / "final"))).denoiser.backbone.state_dict()

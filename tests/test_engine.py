@@ -50,6 +50,9 @@ def test_teacher_trains_saves_and_logs(tiny_teacher_config):
         ema = weights(trainer.objective.model.backbone)
     final = loaded.denoiser.backbone.state_dict()
     assert all(torch.equal(final[k], ema[k]) for k in ema)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["wall_seconds"] > 0 and summary["peak_cpu_rss_mb"] > 50
+    assert summary["trainable_parameters"] == {"model": sum(p.numel() for p in trainer.objective.model.parameters())}
 
 
 def test_teacher_loss_falls(tiny_teacher_config):

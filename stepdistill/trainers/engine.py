@@ -174,6 +174,7 @@ class DistillTrainer:
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective.name or "train",
                        dynamic_ncols=True)
         tick, images, logs = time.perf_counter(), 0, {}
+        started, first_step = tick, self.step
         try:
             while self.step < cfg.max_steps:
                 step = self.step
@@ -211,6 +212,7 @@ class DistillTrainer:
             if acc.is_main_process:
                 with self.ema_weights():
                     self.objective.save_pretrained(self.output_dir / "final")
+                self._write_summary(first_step, time.perf_counter() - started)
             for cb in self.callbacks:
                 cb.on_train_end(self)
         finally:
@@ -221,6 +223,26 @@ class DistillTrainer:
             if cfg.trackers:
                 acc.end_training()
         return self.objective
+
+    def _write_summary(self, first_step: int, seconds: float) -> None:
+        """``train_summary.json``: this invocation's steps, wall time and peak memory (process RSS; CUDA allocated)."""
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+        device = self.accelerator.device
+        summary = {"method": self.objective.name, "steps": self.step - first_step, "from_step": first_step,
+                   "wall_seconds": round(seconds, 2),
+                   "seconds_per_step": round(seconds / max(1, self.step - first_step), 4),
+                   "batch_size": self.train_cfg.batch_size, "processes": self.accelerator.num_processes,
+                   "peak_cpu_rss_mb": round(rss, 1),
+                   "peak_cuda_allocated_mb": (round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                                              if device.type == "cuda" else None),
+                   "trainable_parameters": {name: sum(p.numel() for n, p in m.named_parameters()
+                                                      if n in set(self.trainable[name]))
+                                            for name, m in self.raw.items()},
+                   "torch_threads": torch.get_num_threads(), "device": str(device)}
+        (self.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     # ------------------------------------------------------------------ logging and samples
     def log(self, step: int, logs: dict) -> None:
