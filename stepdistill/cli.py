@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .pairs import add_cli as add_pairs_parser
 
     add_pairs_parser(sub)  # make-pairs
+    from .quickstart import add_cli as add_quickstart_parser
+
+    add_quickstart_parser(sub)  # quickstart
     return parser
 
 
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             from .pairs import run_cli as run_make_pairs
 
             return run_make_pairs(args)
+        if args.command == "quickstart":
+            from .quickstart import run_cli as run_quickstart
+
+            return run_quickstart(args)
     except user_errors() as exc:
         print(f"stepdistill: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,145 @@
+"""``stepdistill quickstart``: the shipped digits teacher -> a 1-step DMD2 student -> an exported pipeline ->
+the NFE-versus-FID benchmark, on a laptop CPU in minutes.
+
+Stages (each resumes if the command is run again with the same ``--out``):
+
+1. ``pairs``: teacher (noise, image) pairs from DPM-Solver++(2M) in 12 steps (``stepdistill make-pairs``; on this
+   teacher DPM-Solver++ at 12 steps reaches the FID of DDIM at 32, at 0.4x the cost);
+2. ``regression``: a warm start, the student regressing the pairs (Luhman & Luhman 2021; DMD's regression term);
+3. ``dmd2``: DMD2 from that student — distribution matching against the teacher with the two time-scale rule
+   (fake score every step; here the generator too), without the GAN term (see ``DMD2`` below);
+4. ``pipeline``: the student exported as a Diffusers pipeline (1 step);
+5. the benchmark: the teacher at NFE 1..64 and the student at 1, same N, noise and labels (``stepdistill bench``).
+
+Why the warm start: on this teacher, DMD2 from the teacher's weights alone (its SD recipe) improved a 1-step
+student slowly (FID 9.2 -> 7.7 in 500 steps), where a few hundred regression steps on teacher pairs land it near
+the teacher's 8-step quality, from where DMD2 sharpens it (see benchmarks/distribution_matching.md).
+Each stage's run folder keeps its full config.yaml, so every stage can be rerun by hand with ``stepdistill train``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+TEACHER = "digits-teacher"
+TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+PAIRS = {"n": 4096, "nfe": 12, "solver": "dpmpp_2m"}
+COMMON = {
+    "model": {"source": TEACHER},
+    "train": {"batch_size": 64, "ema_decay": 0.99, "checkpoint_every": 100, "log_every": 25, "sample_every": 0},
+}
+REGRESSION = {
+    "method": "regression",
+    "data": {"dataset": "pairs", "resolution": 16, "channels": 1},  # data.path: the pairs folder
+    "train": {"max_steps": 300},
+    "optim": {"generator": {"lr": 2e-4, "betas": [0.9, 0.999]}},
+    "objective": {"student_steps": 1, "regression_distance": "pseudo_huber", "huber_c": 0.03},
+}
+DMD2 = {
+    "method": "dmd2",
+    "data": {"dataset": "digits", "resolution": 16, "channels": 1},
+    "train": {"max_steps": 150},
+    "optim": {"generator": {"lr": 2e-5, "betas": [0.0, 0.999], "every": 1},
+              "critic": {"lr": 2e-4, "betas": [0.0, 0.999]}},
+    # the GAN term (DMD2's gan_weight_gen 3e-3 / gan_weight_disc 1e-2 on real digits) is left out: from this warm
+    # start it scored worse in 150 steps and costs 40% more per step (benchmarks/distribution_matching.md)
+    "objective": {"student_steps": 1},  # generator_init: stage 1's run
+}
+TEACHER_RESULTS = Path(__file__).parent / "assets" / "digits-teacher" / "nfe_vs_fid.json"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def stage_configs(out: Path) -> dict[str, dict]:
+    """The raw run configs of the two training stages, with their output folders under ``out``."""
+    regression = _merge(_merge(COMMON, REGRESSION), {"output_dir": str(out / "regression"),
+                                                     "data": {"path": str(out / "pairs")}})
+    dmd2 = _merge(_merge(COMMON, DMD2), {"output_dir": str(out / "dmd2"),
+                                         "objective": {"generator_init": str(out / "regression")}})
+    return {"regression": regression, "dmd2": dmd2}
+
+
+def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute_teacher: bool = False,
+                   progress: bool = True) -> dict:
+    """Run every stage into ``out``; returns (and writes to ``out/quickstart.json``) the timings and the figures."""
+    from .config import resolve
+    from .metrics.commands import _summary
+    from .metrics.nfe import BenchSettings, run_benchmark
+    from .metrics.samplers import load_eval_model
+    from .pairs import make_pairs
+    from .pipelines import export_run
+    from .trainers import build_trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def stage(name: str, text: str):
+        print(f"[quickstart] {name}: {text}", flush=True)
+        seconds[name] = time.perf_counter()
+
+    def done(name: str):
+        seconds[name] = round(time.perf_counter() - seconds[name], 1)
+
+    stage("pairs", f"{PAIRS['n']} teacher pairs ({PAIRS['solver']}, {PAIRS['nfe']} steps) -> {out / 'pairs'}")
+    make_pairs(TEACHER, out / "pairs", PAIRS["n"], nfe=PAIRS["nfe"], solver=PAIRS["solver"], progress=progress)
+    done("pairs")
+    for name, raw in stage_configs(out).items():
+        stage(name, f"{raw['train']['max_steps']} steps of {raw['method']} -> {raw['output_dir']}")
+        run = resolve(raw)
+        run.train.progress = progress
+        build_trainer(run).train(resume="latest")
+        done(name)
+    stage("export", f"1-step pipeline -> {out / 'pipeline'}")
+    pipeline = export_run(out / "dmd2", out / "pipeline", overwrite=True)
+    done("export")
+
+    stage("benchmark", f"teacher at NFE {','.join(map(str, TEACHER_NFE))} and the student, N = {n_eval}")
+    teacher = load_eval_model(TEACHER, "teacher")
+    student = load_eval_model(str(pipeline), "student", name="quickstart-student")
+    reuse = None if recompute_teacher or not TEACHER_RESULTS.is_file() else json.loads(TEACHER_RESULTS.read_text())
+    settings = BenchSettings(n=n_eval, progress=progress)
+    results = run_benchmark([(teacher, list(TEACHER_NFE)), (student, student.default_nfe)], settings,
+                            out / "results.json", log=print if progress else (lambda *a: None), reuse=reuse)
+    done("benchmark")
+    seconds["total"] = round(time.perf_counter() - started, 1)
+
+    teacher_rows = results["models"][0]["results"]
+    best = min(teacher_rows, key=lambda r: r["fid"])
+    student_fid = results["models"][1]["results"][0]["fid"]
+    summary = {"student_fid": student_fid, "teacher_best_fid": best["fid"], "teacher_best_nfe": best["nfe"],
+               "ratio_to_teacher_best": student_fid / best["fid"], "seconds": seconds,
+               "teacher_results_reused": any(r.get("reused") for r in teacher_rows), "n": n_eval}
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(_summary(results))
+    print(f"1-step student FID {student_fid:.4g} = {summary['ratio_to_teacher_best']:.2f}x the teacher's best "
+          f"({best['fid']:.4g} at NFE {best['nfe']})" + (" [teacher rows reused from the shipped benchmark of "
+                                                          "these exact weights]" if summary["teacher_results_reused"]
+                                                          else ""))
+    print(f"wall time {seconds['total'] / 60:.1f} min: " + ", ".join(
+        f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total"))
+    print(f"pipeline: {pipeline}\nresults:  {out / 'results.json'}\nplot:     {out / 'nfe_vs_fid.png'}\n"
+          f"samples:  {out / 'samples'}/\nload it:  see {pipeline / 'README.md'}")
+    return summary
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("quickstart", help="distil the shipped digits teacher into a 1-step generator, export it "
+                                          "and benchmark NFE vs FID (a few minutes on a laptop CPU)")
+    p.add_argument("--out", default="quickstart", help="output folder (default ./quickstart); rerun to resume")
+    p.add_argument("--n", type=int, default=2000, help="samples per FID point (default 2000)")
+    p.add_argument("--recompute-teacher", action="store_true",
+                   help="measure the teacher's curve again instead of reusing the shipped measurement of its weights")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args) -> int:
+    run_quickstart(args.out, args.n, args.recompute_teacher, not args.no_progress)
+    return 0
