@@ -28,6 +28,9 @@ class Objective(torch.nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type]
     ema_module: ClassVar[str | None] = "student"  # the module the loop keeps an EMA of (None: no EMA)
+    # frozen modules whose weights the objective itself changes (e.g. an EMA target network in after_step): the
+    # loop checkpoints and restores them with the trained ones
+    state_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config):
         super().__init__()

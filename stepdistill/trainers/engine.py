@@ -298,6 +298,9 @@ class DistillTrainer:
         if acc.is_main_process:
             for name, module in self.raw.items():
                 ckpt.save_module(module, tmp / f"{name}.safetensors", self.trainable[name])
+            for name in self.objective.state_modules:
+                module = getattr(self.objective, name)
+                ckpt.save_module(module, tmp / f"state_{name}.safetensors", [n for n, _ in module.named_parameters()])
             for name, opt in self.optimizers.items():
                 ckpt.save_tree(tmp / f"optimizer_{name}", opt.optimizer.state_dict())
                 ckpt.save_tree(tmp / f"lr_schedule_{name}", self.lr_schedulers[name].state_dict())
@@ -338,6 +341,9 @@ class DistillTrainer:
                                        f"method trains {sorted(self.raw)}")
         for name, module in self.raw.items():
             ckpt.load_module(module, path / f"{name}.safetensors", self.trainable[name])
+        for name in self.objective.state_modules:
+            module = getattr(self.objective, name)
+            ckpt.load_module(module, path / f"state_{name}.safetensors", [n for n, _ in module.named_parameters()])
         for name, opt in self.optimizers.items():
             opt.optimizer.load_state_dict(ckpt.load_tree(path / f"optimizer_{name}"))
             self.lr_schedulers[name].load_state_dict(ckpt.load_tree(path / f"lr_schedule_{name}"))

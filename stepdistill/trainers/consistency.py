@@ -1,0 +1,324 @@
+"""Consistency distillation: LCM (Luo et al. 2023; Song et al. 2023's CD in latent space) and LCM-LoRA.
+
+The student ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_student(x_t, t)`` is trained so that two points of the
+teacher's ODE trajectory map to the same output: ``x_t`` (noised data at a grid timestep ``t_{n+k}``) and
+``x_{t_n}``, one teacher solver step (skip ``k``) further. The target ``f_target(x_{t_n}, t_n)`` comes from an
+EMA copy of the student (LCM: decay 0.95) or, for LCM-LoRA, from the student itself under no grad. Reference
+implementation: Diffusers' ``examples/consistency_distillation/train_lcm_distill_sd_wds.py`` and
+``train_lcm_distill_lora_sdxl.py`` (see ../shared/reference/methods.md 1.1).
+
+Guidance: the teacher runs CFG in the standard form ``u + s (c - u)`` (LCM writes ``c + w (c - u)``, w = s - 1).
+With ``guidance_range`` the scale is drawn per sample and given to the student through its guidance embedding
+(``time_cond_proj_dim``: LCM's embedding of w = s - 1, as ``LatentConsistencyModelPipeline`` feeds it); a
+UNet2DConditionModel without one gets it added (LCM: 256 dimensions, zero-initialised projection). Without a range the
+teacher's guidance is fixed and baked into the student.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import Cond
+from ..denoiser import Denoiser
+from ..models import load_model
+from ..solvers import ddim_from_x0, solver_step
+from . import register
+from .base import Objective, Phase
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def lcm_grid(num_train_timesteps: int, n: int) -> list[int]:
+    """LCM's solver grid ``t_i = i * (T // N) - 1``, i = 1..N (50 steps of 1000: 19, 39, ..., 999), the
+    ``original_inference_steps`` grid ``LCMScheduler`` samples from."""
+    step = num_train_timesteps // n
+    return [i * step - 1 for i in range(1, n + 1)]
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM's ``c_skip(t) = sd^2 / ((s t)^2 + sd^2)``, ``c_out(t) = s t / sqrt((s t)^2 + sd^2)`` (s = 10): the
+    boundary condition f(x, 0) = x, as ``LCMScheduler.get_scalings_for_boundary_condition_discrete``."""
+    scaled = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / torch.sqrt(scaled**2 + sigma_data**2)
+    return c_skip.float(), c_out.float()
+
+
+def consistency_function(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, timestep_scaling: float = 10.0):
+    """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0`` (Song et al. 2023 Eq. 3 with LCM's scalings)."""
+    c_skip, c_out = (c.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.device)
+                     for c in boundary_scalings(t, timestep_scaling))
+    return c_skip * x_t.float() + c_out * x0.float()
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", c: float = 0.001) -> torch.Tensor:
+    """``l2``: ``mean((pred - target)^2)``; ``huber``: LCM's pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)``
+    elementwise (c = 0.001)."""
+    diff = pred.float() - sg(target).float()
+    if kind == "l2":
+        return (diff**2).mean()
+    return (torch.sqrt(diff**2 + c * c) - c).mean()
+
+
+def sg(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """``theta_target <- decay * theta_target + (1 - decay) * theta_online`` for every parameter (LCM: 0.95)."""
+    for t_param, o_param in zip(target.parameters(), online.parameters()):
+        t_param.lerp_(o_param.detach().to(t_param.dtype), 1.0 - decay)
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class ConsistencyConfig:
+    num_ddim_timesteps: int = 50  # N: the solver grid (skip k = T / N); also the exported LCMScheduler's grid
+    solver: Literal["ddim", "euler", "heun"] = "ddim"  # the teacher's step from t_{n+k} to t_n
+    guidance_scale: float = 1.0  # teacher CFG (standard form) when guidance_range is not set
+    guidance_range: list[float] | None = None  # [s_min, s_max], drawn per sample and embedded (LCM: w 5..15 -> [6, 16])
+    guidance_embedding_dim: int = 256  # added to a UNet2DConditionModel student without time_cond_proj_dim
+    loss: Literal["l2", "huber"] = "huber"
+    huber_c: float = 0.001
+    target_ema: float = 0.95  # the target network's EMA decay (LCM); ignored by lcm_lora (no target network)
+    timestep_scaling: float = 10.0
+    student_steps: int = 4  # the exported LCMScheduler's steps (the student also samples at 1, 2, ...)
+    lora_rank: int = 0  # lcm_lora: LoRA rank on the frozen teacher (LCM-LoRA: 64)
+
+    def validate(self):
+        from ..config import ConfigError
+
+        if self.num_ddim_timesteps < 2:
+            raise ConfigError(f"objective.num_ddim_timesteps must be >= 2, not {self.num_ddim_timesteps}")
+        if self.guidance_range is not None and (len(self.guidance_range) != 2
+                                                or not 1 <= self.guidance_range[0] <= self.guidance_range[1]):
+            raise ConfigError("objective.guidance_range is [s_min, s_max] with 1 <= s_min <= s_max (standard CFG "
+                              f"form), not {self.guidance_range}")
+        if not 0 <= self.target_ema < 1:
+            raise ConfigError(f"objective.target_ema must be in [0, 1), not {self.target_ema}")
+        if self.student_steps < 1 or self.student_steps > self.num_ddim_timesteps:
+            raise ConfigError(f"objective.student_steps must be in 1..num_ddim_timesteps, not {self.student_steps}")
+
+
+def add_guidance_embedding(teacher: Denoiser, dim: int) -> Denoiser:
+    """A trainable copy of the teacher with a guidance embedding: its own if it has one; otherwise (UNet2DCondition-
+    Model) a new UNet with ``time_cond_proj_dim = dim`` holding the teacher's weights, the new projection zeroed
+    so that the student starts as the teacher. Other backbones: a ConfigError."""
+    from ..backbones import unwrap
+    from ..config import ConfigError
+
+    base = unwrap(teacher.backbone)
+    if base.config.get("time_cond_proj_dim"):
+        return teacher.clone(trainable=True)
+    if type(base).__name__ != "UNet2DConditionModel":
+        raise ConfigError(f"objective.guidance_range needs a guidance embedding, and a {type(base).__name__} has none "
+                          "(only UNet2DConditionModel takes time_cond_proj_dim); distil at a fixed "
+                          "objective.guidance_scale instead")
+    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    student_backbone = type(base).from_config({**config, "time_cond_proj_dim": dim}).to(next(base.parameters()).dtype)
+    missing, unexpected = student_backbone.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any("cond_proj" not in k for k in missing):
+        raise ConfigError(f"could not carry the teacher's weights into the guidance-embedded student: missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}")
+    torch.nn.init.zeros_(student_backbone.time_embedding.cond_proj.weight)
+    student = Denoiser(student_backbone, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond,
+                       null_class=teacher.null_class)
+    return student.requires_grad_(True).eval()
+
+
+# ------------------------------------------------------------------------------------------------ objective
+@register
+class ConsistencyObjective(Objective):
+    """LCM on the one loop: one phase (``student``); the EMA target network is updated after each step and
+    checkpointed with the run (``state_modules``)."""
+
+    name = "lcm"
+    Config = ConsistencyConfig
+    ema_module = "student"
+    state_modules = ("target",)
+
+    def __init__(self, config: ConsistencyConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
+                 resolution: int, channels: int):
+        super().__init__(config)
+        from ..config import ConfigError
+        from ..pipelines import get_recipe
+
+        self.teacher = teacher.freeze()
+        self.teacher_scheduler = teacher_scheduler
+        self.schedule = teacher.schedule
+        if self.schedule.kind != "vp":
+            raise ConfigError("method lcm distils VP (DDPM-type) teachers; flow-matching teachers are not supported yet")
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        self.null_cond = teacher.null_cond
+        if config.guidance_range is not None:
+            self.student = add_guidance_embedding(teacher, config.guidance_embedding_dim)
+        elif config.lora_rank:
+            from .dmd import trainable_copy
+
+            self.student = trainable_copy(teacher, config.lora_rank)
+        else:
+            self.student = teacher.clone(trainable=True)
+        if config.lora_rank and config.guidance_range is not None:
+            raise ConfigError("LCM-LoRA trains no guidance embedding (the teacher's CFG scale is only used in its "
+                              "target): set objective.guidance_scale, not guidance_range")
+        self.target = self._make_target()
+        total = self.schedule.num_train_timesteps
+        if total % config.num_ddim_timesteps:
+            raise ConfigError(f"objective.num_ddim_timesteps={config.num_ddim_timesteps} does not divide the "
+                              f"teacher's {total} training timesteps into equal skips")
+        self.grid = lcm_grid(total, config.num_ddim_timesteps)
+        self.skip = total // config.num_ddim_timesteps
+        # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
+        # of its trained range unless the user asks for another scale
+        self.recipe = get_recipe("lcm", config.student_steps,
+                                 1.0 if config.guidance_range is None else float(sum(config.guidance_range) / 2),
+                                 original_inference_steps=config.num_ddim_timesteps,
+                                 timestep_scaling=config.timestep_scaling)
+
+    def _make_target(self) -> Denoiser | None:
+        return self.student.clone(trainable=False).freeze()
+
+    # --- construction -----------------------------------------------------------------------------
+    @classmethod
+    def phase_names(cls, config):
+        return ["student"]
+
+    @classmethod
+    def optim_defaults(cls, config):
+        return {"student": {"lr": 1e-6, "max_grad_norm": 1.0, "lr_schedule": "constant_with_warmup",
+                            "warmup_steps": 500}}
+
+    @classmethod
+    def from_config(cls, run, data=None) -> "ConsistencyObjective":
+        from ..backbones import in_channels
+        from ..config import ConfigError
+        from ..models import text_null_cond
+        from . import run_cache_dir
+
+        loaded = load_model(run.model)
+        null = text_null_cond(run.model, run_cache_dir(run), run.data.resolution)
+        if null is not None:
+            loaded.denoiser.null_cond = null
+        if data is None or len(data) == 0 or "image" not in data[0]:
+            raise ConfigError("consistency distillation noises data samples: set data.dataset to digits, folder, or "
+                              "prompts from a .jsonl naming an image per prompt")
+        channels = in_channels(loaded.denoiser.backbone)
+        num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
+        objective = cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
+        if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
+            objective.base_folder = loaded.folder
+        return objective
+
+    def phases(self):
+        return [Phase("student", ("student",))]
+
+    # --- the loss ------------------------------------------------------------------------------------
+    def _guidance(self, n: int, device) -> torch.Tensor | None:
+        lo_hi = self.config.guidance_range
+        if lo_hi is None:
+            return None
+        return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, device=device)
+
+    def _student_cond(self, cond: Cond, scale: torch.Tensor | None) -> Cond:
+        from dataclasses import replace
+
+        return cond if scale is None else replace(cond, guidance=scale)
+
+    def loss(self, phase, batch, step):
+        cfg = self.config
+        x0 = batch["image"]
+        n, device = x0.shape[0], x0.device
+        cond = Cond.from_batch(batch)
+        index = torch.randint(0, len(self.grid), (n,), device=device)
+        t = torch.as_tensor(self.grid, device=device, dtype=torch.float32)[index]
+        t_prev = (t - self.skip).clamp(min=0)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        scale = self._guidance(n, device)
+        student_cond = self._student_cond(cond, scale)
+        pred = consistency_function(x_t, self.student(x_t, t, student_cond), t, cfg.timestep_scaling)
+        with torch.no_grad():
+            guidance = scale if scale is not None else cfg.guidance_scale
+            x_prev = self.teacher_step(x_t, t, t_prev, cond, guidance)
+            target_net = self.student if self.target is None else self.target
+            target = consistency_function(x_prev, target_net(x_prev, t_prev, student_cond), t_prev,
+                                          cfg.timestep_scaling)
+        loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
+        return loss, {"consistency": loss.detach()}
+
+    def teacher_step(self, x_t, t, t_prev, cond, guidance):
+        """One teacher solver step from ``t`` to ``t_prev`` with CFG (the teacher of a LoRA student is the frozen
+        base: the teacher Denoiser holds those weights without adapters)."""
+        def x0(x, tt):
+            return self.teacher(x, tt, cond, guidance_scale=guidance)
+
+        if self.config.solver == "ddim":
+            return ddim_from_x0(x0(x_t, t), x_t, self.schedule, t, t_prev)
+        return solver_step(self.config.solver, x0, self.schedule, x_t, t, t_prev)
+
+    def after_step(self, phase, step):
+        if self.target is not None:
+            from ..backbones import unwrap
+
+            ema_update(self.target, unwrap(self.student), self.config.target_ema)
+
+    # --- sampling and export -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, batch, generator=None):
+        n = batch["batch_size"]
+        device = self.device
+        cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
+                else (self.null_cond.to(device).repeat(n) if self.null_cond is not None else Cond()))
+        scale = None if self.config.guidance_range is None else torch.full((n,), self.recipe.guidance_scale,
+                                                                            device=device)
+        x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
+        ts = self.sample_timesteps()
+        for i, t in enumerate(ts):
+            tt = torch.full((n,), float(t), device=device)
+            x0 = consistency_function(x, self.student(x, tt, self._student_cond(cond, scale)), tt,
+                                      self.config.timestep_scaling)
+            x = x0 if i == len(ts) - 1 else self.schedule.add_noise(x0, torch.randn_like(x0), float(ts[i + 1]))
+        return x.clamp(-1, 1)
+
+    def sample_timesteps(self) -> list[float]:
+        from ..pipelines.sampling import student_timesteps
+
+        scheduler = self.recipe.make_scheduler(self.teacher_scheduler, self.student.prediction_type)
+        return student_timesteps(scheduler, self.config.student_steps)
+
+    def save_pretrained(self, directory):
+        from ..models import save_model
+
+        save_model(self.student, self.teacher_scheduler, directory,
+                   {"num_classes": self.num_classes, "resolution": self.resolution, "channels": self.channels,
+                    "student_steps": self.config.student_steps})
+
+    def export_spec(self):
+        from ..pipelines.export import ExportSpec
+
+        return ExportSpec(student=self.student, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
+                          method=self.name, num_classes=self.num_classes, timesteps=self.sample_timesteps(),
+                          base_folder=getattr(self, "base_folder", None),
+                          meta={"resolution": self.resolution, "channels": self.channels})
+
+
+@register
+class LCMLoRAObjective(ConsistencyObjective):
+    """LCM-LoRA: the student is LoRA on the frozen teacher (which is the same weights with the adapters off);
+    no target network — the target is the student itself under no grad (Diffusers' LCM-LoRA scripts)."""
+
+    name = "lcm_lora"
+    state_modules = ()
+
+    def __init__(self, config: ConsistencyConfig, *args, **kwargs):
+        from ..config import ConfigError
+
+        if not config.lora_rank:
+            raise ConfigError("method lcm_lora needs objective.lora_rank (LCM-LoRA: 64)")
+        super().__init__(config, *args, **kwargs)
+
+    def _make_target(self):
+        return None

@@ -1,0 +1,174 @@
+"""Consistency distillation (LCM) and LCM-LoRA: the formulas against LCMScheduler and their definitions, the loss
+against a hand computation, the EMA target update and its checkpointing, and the bad inputs."""
+import pytest
+import torch
+from diffusers import LCMScheduler
+
+from stepdistill import Cond
+from stepdistill.config import ConfigError, resolve
+from stepdistill.trainers import build_trainer
+from stepdistill.trainers.consistency import (ConsistencyObjective, boundary_scalings, consistency_function,
+                                              consistency_loss, ema_update, lcm_grid)
+from tiny import TINY_SCHEDULER, tiny_teacher_raw
+
+
+def test_grid_and_boundary_scalings_are_lcm_schedulers():
+    sched = LCMScheduler(**{k: v for k, v in TINY_SCHEDULER.items() if k != "variance_type"})
+    sched.set_timesteps(50, original_inference_steps=50)
+    assert lcm_grid(1000, 50) == sorted(sched.timesteps.tolist()) == list(range(19, 1000, 20))
+    t = torch.tensor([0.0, 1.0, 19.0, 259.0, 999.0])
+    c_skip, c_out = boundary_scalings(t)
+    for i, ti in enumerate(t.tolist()):
+        ref_skip, ref_out = sched.get_scalings_for_boundary_condition_discrete(int(ti))
+        assert float(c_skip[i]) == pytest.approx(float(ref_skip), rel=1e-6)
+        assert float(c_out[i]) == pytest.approx(float(ref_out), rel=1e-6)
+    assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0  # the boundary condition f(x, 0) = x
+    x, x0 = torch.randn(5, 1, 2, 2), torch.randn(5, 1, 2, 2)
+    torch.testing.assert_close(consistency_function(x, x0, t), c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * x0)
+
+
+def test_losses_and_ema_match_their_formulas():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    assert float(consistency_loss(a, b, "l2")) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-6)
+    c = 0.001
+    assert float(consistency_loss(a, b, "huber", c)) == pytest.approx(
+        float((torch.sqrt((a - b) ** 2 + c * c) - c).mean()), rel=1e-6)
+    target, online = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.95 * t.detach() + 0.05 * o.detach() for t, o in zip(target.parameters(), online.parameters())]
+    ema_update(target, online, 0.95)
+    for t, e in zip(target.parameters(), expected):
+        torch.testing.assert_close(t.detach(), e)
+
+
+def lcm_run(tmp_path, teacher_folder, method="lcm", max_steps=2, **objective):
+    raw = tiny_teacher_raw(tmp_path / method, max_steps=max_steps)
+    raw["method"] = method
+    raw["model"] = {"source": str(teacher_folder)}
+    raw["optim"] = {"student": {"lr": 1e-3, "warmup_steps": 0}}
+    raw["objective"] = {"num_ddim_timesteps": 50, "student_steps": 4, **objective}
+    return resolve(raw)
+
+
+def test_loss_is_the_consistency_of_two_trajectory_points(tmp_path, teacher_folder):
+    from stepdistill.solvers import ddim_step
+
+    trainer = build_trainer(lcm_run(tmp_path, teacher_folder, guidance_scale=1.5))
+    o = trainer.objective
+    batch = trainer._next_batch()
+    torch.manual_seed(7)
+    loss, _ = o.loss("student", batch, 0)
+    torch.manual_seed(7)  # the same draws, by hand: grid index, then noise
+    x0, cond, n = batch["image"], Cond.from_batch(batch), batch["image"].shape[0]
+    t = torch.tensor(o.grid, dtype=torch.float32)[torch.randint(0, 50, (n,))]
+    t_prev = (t - 20).clamp(min=0)
+    x_t = o.schedule.add_noise(x0, torch.randn_like(x0), t)
+    with torch.no_grad():
+        pred = consistency_function(x_t, o.student(x_t, t, cond), t)
+        x_prev = ddim_step(lambda x, tt: o.teacher(x, tt, cond, guidance_scale=1.5), o.schedule, x_t, t, t_prev)
+        target = consistency_function(x_prev, o.target(x_prev, t_prev, cond), t_prev)
+    assert float(loss) == pytest.approx(float((torch.sqrt((pred - target) ** 2 + 1e-6) - 1e-3).mean()), rel=1e-5)
+
+
+def test_target_is_the_students_ema_and_resumes_exactly(tmp_path, teacher_folder):
+    from stepdistill.trainers import Callback
+
+    seen = []
+
+    class Record(Callback):
+        def on_step_end(self, trainer, step):
+            o = trainer.objective
+            seen.append(([p.detach().clone() for p in o.student.parameters()],
+                         [p.detach().clone() for p in o.target.parameters()]))
+
+    trainer = build_trainer(lcm_run(tmp_path / "a", teacher_folder, max_steps=4), [Record()])
+    first_target = [p.detach().clone() for p in trainer.objective.target.parameters()]
+    trainer.train(resume=None)
+    prev = first_target
+    for student, target in seen:  # target_k = 0.95 target_{k-1} + 0.05 student_k
+        for s, t, p in zip(student, target, prev):
+            torch.testing.assert_close(t, 0.95 * p + 0.05 * s, rtol=1e-5, atol=1e-6)
+        prev = target
+    # 2 steps + resume 2 steps == 4 straight steps, target network included
+    run = lcm_run(tmp_path / "b", teacher_folder, max_steps=2)
+    run.train.checkpoint_every = 2
+    build_trainer(run).train(resume=None)
+    run.train.max_steps = 4
+    resumed = build_trainer(run)
+    resumed.train(resume="latest")
+    for a, b in zip(resumed.objective.target.parameters(), trainer.objective.target.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lcm_lora_trains_adapters_on_the_shared_teacher_without_a_target(tmp_path, teacher_folder):
+    trainer = build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4))
+    o = trainer.objective
+    assert o.target is None
+    teacher_storage = {p.data_ptr() for p in o.teacher.parameters()}
+    assert all("lora_" in n for n, p in o.student.named_parameters() if p.requires_grad)
+    assert {p.data_ptr() for n, p in o.student.named_parameters() if "lora_" not in n} <= teacher_storage
+    before = {n: p.detach().clone() for n, p in o.student.named_parameters() if "lora_B" in n}
+    trainer.train(resume=None)
+    assert any(not torch.equal(p, before[n]) for n, p in o.student.named_parameters() if n in before)
+    with pytest.raises(ConfigError, match="needs objective.lora_rank"):
+        build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora"))
+
+
+def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher_folder):
+    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+
+    trainer = build_trainer(lcm_run(tmp_path, teacher_folder))
+    trainer.train(resume=None)
+    folder = export_run(trainer.output_dir, tmp_path / "export")
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    for steps in (1, 2, 4):
+        images = pipe(class_labels=torch.tensor([1, 2]), num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == trainer.objective.sample_timesteps() == [999, 759, 499, 259]
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
+    with pytest.raises(ConfigError, match="needs a guidance embedding, and a UNet2DModel has none"):
+        build_trainer(lcm_run(tmp_path, teacher_folder, guidance_range=[2.0, 8.0]))
+    with pytest.raises(ConfigError, match="does not divide the teacher's 1000 training timesteps"):
+        build_trainer(lcm_run(tmp_path, teacher_folder, num_ddim_timesteps=30))
+    with pytest.raises(ConfigError, match="guidance_range is \\[s_min, s_max\\]"):
+        lcm_run(tmp_path, teacher_folder, guidance_range=[8.0, 2.0])
+    run = lcm_run(tmp_path, teacher_folder)
+    run.data.dataset = "none"
+    with pytest.raises(ConfigError, match="noises data samples"):
+        build_trainer(run)
+
+
+def test_guidance_range_adds_a_zeroed_guidance_embedding_to_a_text_unet(tmp_path):
+    from test_dmd_recipes import LATENT, PROMPTS, sd_folder
+
+    from stepdistill.models import prompt_encoder_for
+
+    teacher = sd_folder(tmp_path / "sd")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    raw = {"method": "lcm", "output_dir": str(tmp_path / "run"), "model": {"source": str(teacher)},
+           "data": {"dataset": "prompts", "path": str(tmp_path / "p.txt"), "resolution": LATENT},
+           "train": {"max_steps": 1, "batch_size": 2, "checkpoint_every": 0, "progress": False},
+           "objective": {"guidance_range": [2.0, 8.0], "guidance_embedding_dim": 16}}
+    with pytest.raises(ConfigError, match="noises data samples"):  # prompts without images
+        build_trainer(resolve(raw))
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model, text_null_cond
+
+    run = resolve(raw)
+    loaded = load_model(ModelConfig(source=str(teacher)))
+    loaded.denoiser.null_cond = text_null_cond(run.model, tmp_path / "cache", LATENT)
+    objective = ConsistencyObjective(run.objective, loaded.denoiser, loaded.scheduler, None, LATENT, 4)
+    assert objective.student.backbone.config.time_cond_proj_dim == 16
+    cond = prompt_encoder_for(run.model, LATENT).encode(PROMPTS[:2])
+    x, t = torch.randn(2, 4, LATENT, LATENT), torch.tensor([999.0, 500.0])
+    guided = Cond(encoder_hidden_states=cond.encoder_hidden_states, guidance=torch.tensor([2.0, 7.0]))
+    with torch.no_grad():  # the new projection starts at zero: the student starts as the teacher at any scale
+        torch.testing.assert_close(objective.student(x, t, guided), objective.teacher(x, t, cond))
+    loss, _ = objective.loss("student", {"image": x, "encoder_hidden_states": cond.encoder_hidden_states,
+                                         "batch_size": 2}, 0)
+    assert torch.isfinite(loss)
