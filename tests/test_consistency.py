@@ -172,3 +172,23 @@ def test_guidance_range_adds_a_zeroed_guidance_embedding_to_a_text_unet(tmp_path
     loss, _ = objective.loss("student", {"image": x, "encoder_hidden_states": cond.encoder_hidden_states,
                                          "batch_size": 2}, 0)
     assert torch.isfinite(loss)
+
+
+def test_scott_teacher_is_a_stochastic_multistep_ddim(tmp_path, teacher_folder):
+    from stepdistill.solvers import ddim_from_x0
+
+    o = build_trainer(lcm_run(tmp_path, teacher_folder, method="scott", solver_eta=0.7, solver_substeps=2)).objective
+    assert o.name == "scott"
+    x, cond = torch.randn(3, 1, 8, 8), Cond(class_labels=torch.tensor([1, 2, 3]))
+    t, t_prev = torch.tensor([999.0, 519.0, 39.0]), torch.tensor([979.0, 499.0, 19.0])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = o.teacher_step(x, t, t_prev, cond, 1.0)
+    torch.manual_seed(3)  # by hand: two DDIM(eta 0.7) sub-steps, t -> midpoint -> t_prev, fresh noise in each
+    mid = (t + t_prev) / 2
+    with torch.no_grad():
+        y = ddim_from_x0(o.teacher(x, t, cond), x, o.schedule, t, mid, 0.7, torch.randn_like(x))
+        y = ddim_from_x0(o.teacher(y, mid, cond), y, o.schedule, mid, t_prev, 0.7, torch.randn_like(y))
+    torch.testing.assert_close(out, y)
+    with pytest.raises(ConfigError, match="use solver ddim with it"):
+        lcm_run(tmp_path, teacher_folder, method="scott", solver="heun")

@@ -85,6 +85,10 @@ class LCMLoRATrainer(_NamedTrainer):
     method = "lcm_lora"
 
 
+class SCottTrainer(_NamedTrainer):
+    method = "scott"
+
+
 class MSDTrainer(_NamedTrainer):
     method = "msd"
 
@@ -107,8 +111,8 @@ from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (re
 from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
 from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
-from .consistency import ConsistencyObjective, LCMLoRAObjective  # noqa: E402  (registers "lcm", "lcm_lora")
+from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective  # noqa: E402  (lcm, lcm_lora, scott)
 
-__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
+__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
            "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "RegressionObjective", "RegressionTrainer", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]
