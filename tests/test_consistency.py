@@ -192,3 +192,46 @@ def test_scott_teacher_is_a_stochastic_multistep_ddim(tmp_path, teacher_folder):
     torch.testing.assert_close(out, y)
     with pytest.raises(ConfigError, match="use solver ddim with it"):
         lcm_run(tmp_path, teacher_folder, method="scott", solver="heun")
+
+
+# ------------------------------------------------------------------------------------------- TSCD
+def test_segment_boundaries_are_the_trailing_ddim_timesteps():
+    from diffusers import DDIMScheduler
+
+    from stepdistill.trainers.consistency import segment_boundary, stage_of, to_boundary
+
+    t = torch.tensor([999.0, 750.0, 749.0, 500.0, 499.0, 250.0, 249.0, 24.0])
+    assert segment_boundary(t, 4).tolist() == [749, 749, 499, 499, 249, 249, 0, 0]
+    assert segment_boundary(t, 1).tolist() == [0] * 8
+    grid = torch.tensor(lcm_grid(1000, 40), dtype=torch.float32)
+    for k in (8, 4, 2):
+        sched = DDIMScheduler(timestep_spacing="trailing")
+        sched.set_timesteps(k)
+        edges = {int(b) for b in segment_boundary(grid, k).tolist()} - {0}  # the k - 1 inner boundaries
+        assert set(sched.timesteps.tolist()) == {999} | edges
+    assert [stage_of(s, [0, 10, 20]) for s in (0, 9, 10, 25)] == [0, 0, 1, 2]
+    from stepdistill.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_scheduler(DDIMScheduler())
+    x, x0 = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    tt = torch.tensor([499.0, 499.0])
+    torch.testing.assert_close(to_boundary(x, x0, tt, tt, schedule), x)  # at its boundary a point maps to itself
+
+
+def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_folder):
+    import json
+
+    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+
+    run = lcm_run(tmp_path, teacher_folder, method="tscd", max_steps=4, num_ddim_timesteps=40)
+    trainer = build_trainer(run)
+    assert trainer.objective.stage_starts == [0, 1, 2, 3]
+    trainer.train(resume=None)
+    logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["student/segments"] for l in logs] == [8, 4, 2, 1]
+    folder = export_run(trainer.output_dir, tmp_path / "export")
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert trainer.objective.sample_timesteps() == [999, 749, 499, 249]
+    with pytest.raises(ConfigError, match=r"segments \[8, 4\] do not divide the solver grid"):
+        lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=50)

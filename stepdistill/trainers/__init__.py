@@ -89,6 +89,10 @@ class SCottTrainer(_NamedTrainer):
     method = "scott"
 
 
+class TSCDTrainer(_NamedTrainer):
+    method = "tscd"
+
+
 class MSDTrainer(_NamedTrainer):
     method = "msd"
 
@@ -111,8 +115,8 @@ from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (re
 from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
 from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
-from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective  # noqa: E402  (lcm, lcm_lora, scott)
+from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective, TSCDObjective  # noqa: E402, F401
 
-__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
+__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
            "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "RegressionObjective", "RegressionTrainer", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]
