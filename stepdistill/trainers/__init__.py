@@ -93,6 +93,10 @@ class TSCDTrainer(_NamedTrainer):
     method = "tscd"
 
 
+class ICTTrainer(_NamedTrainer):
+    method = "ict"
+
+
 class MSDTrainer(_NamedTrainer):
     method = "msd"
 
@@ -116,7 +120,8 @@ from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
 from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
 from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective, TSCDObjective  # noqa: E402, F401
+from .ict import ICTObjective  # noqa: E402  (registers "ict")
 
-__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
+__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "ICTObjective", "ICTTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
            "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "RegressionObjective", "RegressionTrainer", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]

@@ -1,0 +1,81 @@
+"""iCT: grid, curriculum, lognormal index distribution, scalings against CMStochasticIterativeScheduler, the loss
+against its formula, training from data alone, and the stock ConsistencyModelPipeline export."""
+import math
+
+import pytest
+import torch
+from diffusers import CMStochasticIterativeScheduler
+
+from stepdistill.config import resolve
+from stepdistill.trainers import build_trainer
+from stepdistill.trainers.ict import (cm_scalings, discretization_steps, ict_loss, karras_sigmas,
+                                     lognormal_index_probs)
+from tiny import tiny_teacher_raw
+
+
+def test_grid_curriculum_and_index_distribution():
+    sched = CMStochasticIterativeScheduler(num_train_timesteps=11)
+    torch.testing.assert_close(karras_sigmas(11), sched.sigmas.double().flip(0))  # same grid, increasing here
+    assert karras_sigmas(11)[0] == pytest.approx(0.002) and karras_sigmas(11)[-1] == pytest.approx(80.0)
+    # K = 800, s0 = 10, s1 = 1280: K' = floor(800 / 8) = 100; N doubles every 100 steps from 11 to 1281
+    assert [discretization_steps(k, 800) for k in (0, 99, 100, 250, 699, 799)] == [11, 11, 21, 41, 641, 1281]
+    sig = karras_sigmas(41)
+    p = lognormal_index_probs(sig)
+    cdf = lambda s: 0.5 * (1 + math.erf((math.log(s) - -1.1) / (math.sqrt(2) * 2.0)))  # the lognormal's CDF
+    mass = torch.tensor([cdf(sig[i + 1]) - cdf(sig[i]) for i in range(40)], dtype=torch.float64)
+    torch.testing.assert_close(p, mass / mass.sum())
+
+
+def test_scalings_and_loss_match_the_scheduler_and_the_paper():
+    sched = CMStochasticIterativeScheduler()
+    sigma = torch.tensor([0.002, 0.5, 3.0, 80.0])
+    c_skip, c_out, c_in, c_noise = cm_scalings(sigma)
+    ref_skip, ref_out = sched.get_scalings_for_boundary_condition(sigma)
+    torch.testing.assert_close(c_skip, ref_skip.float())
+    torch.testing.assert_close(c_out, ref_out.float())
+    torch.testing.assert_close(c_noise, torch.tensor(sched.sigma_to_t(sigma.numpy())).float())
+    torch.testing.assert_close(c_in, 1 / torch.sqrt(sigma**2 + 0.25))
+    assert float(c_skip[0]) == 1.0 and abs(float(c_out[0])) < 1e-8  # f(x, sigma_min) = x
+    a, b, w = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([1.0, 2.0, 0.5])
+    c = 0.00054 * 4
+    per_sample = torch.sqrt(((a - b) ** 2).flatten(1).sum(1) + c * c) - c
+    assert float(ict_loss(a, b, w, c)) == pytest.approx(float((w * per_sample).mean()), rel=1e-6)
+
+
+def ict_run(tmp_path, max_steps=4):
+    raw = tiny_teacher_raw(tmp_path / "ict", max_steps=max_steps)
+    raw["method"] = "ict"
+    raw["optim"] = {"model": {"lr": 1e-3}}
+    raw["objective"] = {"s0": 2, "s1": 8}
+    return resolve(raw)
+
+
+def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_path):
+    import json
+
+    from diffusers import ConsistencyModelPipeline, DiffusionPipeline
+
+    from stepdistill.pipelines import export_run
+
+    trainer = build_trainer(ict_run(tmp_path))
+    o = trainer.objective
+    assert o.huber_c == pytest.approx(0.00054 * 8)  # sqrt(1 x 8 x 8)
+    trainer.train(resume=None)
+    logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["model/N"] for l in logs] == [3, 5, 9, 9]  # K' = floor(4 / 3) = 1: N = min(2 * 2^k, 8) + 1
+    folder = export_run(trainer.output_dir, tmp_path / "export", ema=False)
+    info = json.loads((folder / "stepdistill.json").read_text())["export"]
+    assert info["pipeline"] == "ConsistencyModelPipeline" and not info["trust_remote_code"]
+    pipe = DiffusionPipeline.from_pretrained(folder)  # plain Diffusers
+    assert isinstance(pipe, ConsistencyModelPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2, 4):  # (the stock pipeline checks latents against 3 channels: let it draw them)
+        out = pipe(batch_size=2, class_labels=[3, 4], num_inference_steps=steps, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    # the trainer's own sampler is the pipeline's sampling
+    for steps in (1, 2):
+        mine = o.sample({"batch_size": 2}, generator=torch.Generator().manual_seed(5), steps=steps)
+        theirs = pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator().manual_seed(5)).images
+        torch.testing.assert_close(theirs, (mine / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
