@@ -110,7 +110,7 @@ def test_lcm_lora_trains_adapters_on_the_shared_teacher_without_a_target(tmp_pat
     trainer.train(resume=None)
     assert any(not torch.equal(p, before[n]) for n, p in o.student.named_parameters() if n in before)
     with pytest.raises(ConfigError, match="needs objective.lora_rank"):
-        build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora"))
+        build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora", lora_rank=0))
 
 
 def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher_folder):

@@ -1,4 +1,5 @@
-"""Consistency distillation: LCM (Luo et al. 2023; Song et al. 2023's CD in latent space) and LCM-LoRA.
+"""Consistency distillation: LCM (Luo et al. 2023; Song et al. 2023's CD in latent space), LCM-LoRA, SCott
+(a stochastic multi-step teacher solver) and Hyper-SD's trajectory-segmented CD (TSCD).
 
 The student ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_student(x_t, t)`` is trained so that two points of the
 teacher's ODE trajectory map to the same output: ``x_t`` (noised data at a grid timestep ``t_{n+k}``) and
@@ -83,7 +84,8 @@ class ConsistencyConfig:
     solver_eta: float = 0.0
     solver_substeps: int = 1
     guidance_scale: float = 1.0  # teacher CFG (standard form) when guidance_range is not set
-    guidance_range: list[float] | None = None  # [s_min, s_max], drawn per sample and embedded (LCM: w 5..15 -> [6, 16])
+    guidance_range: list[float] | None = None  # [s_min, s_max] drawn per sample (LCM: w 5..15 -> [6, 16])
+    embed_guidance: bool = True  # give the drawn scale to the student (LCM); LCM-LoRA: only the teacher uses it
     guidance_embedding_dim: int = 256  # added to a UNet2DConditionModel student without time_cond_proj_dim
     loss: Literal["l2", "huber"] = "huber"
     huber_c: float = 0.001
@@ -161,7 +163,11 @@ class ConsistencyObjective(Objective):
             raise ConfigError("method lcm distils VP (DDPM-type) teachers; flow-matching teachers are not supported yet")
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
         self.null_cond = teacher.null_cond
-        if config.guidance_range is not None:
+        self.embeds_guidance = config.guidance_range is not None and config.embed_guidance
+        if config.lora_rank and self.embeds_guidance:
+            raise ConfigError("LCM-LoRA trains no guidance embedding (the drawn CFG scale is only the teacher's): "
+                              "set objective.embed_guidance=false")
+        if self.embeds_guidance:
             self.student = add_guidance_embedding(teacher, config.guidance_embedding_dim)
         elif config.lora_rank:
             from .dmd import trainable_copy
@@ -169,9 +175,6 @@ class ConsistencyObjective(Objective):
             self.student = trainable_copy(teacher, config.lora_rank)
         else:
             self.student = teacher.clone(trainable=True)
-        if config.lora_rank and config.guidance_range is not None:
-            raise ConfigError("LCM-LoRA trains no guidance embedding (the teacher's CFG scale is only used in its "
-                              "target): set objective.guidance_scale, not guidance_range")
         self.target = self._make_target()
         total = self.schedule.num_train_timesteps
         if total % config.num_ddim_timesteps:
@@ -182,7 +185,7 @@ class ConsistencyObjective(Objective):
         # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
         # of its trained range unless the user asks for another scale
         self.recipe = get_recipe("lcm", config.student_steps,
-                                 1.0 if config.guidance_range is None else float(sum(config.guidance_range) / 2),
+                                 float(sum(config.guidance_range) / 2) if self.embeds_guidance else 1.0,
                                  original_inference_steps=config.num_ddim_timesteps,
                                  timestep_scaling=config.timestep_scaling)
 
@@ -233,7 +236,7 @@ class ConsistencyObjective(Objective):
     def _student_cond(self, cond: Cond, scale: torch.Tensor | None) -> Cond:
         from dataclasses import replace
 
-        return cond if scale is None else replace(cond, guidance=scale)
+        return replace(cond, guidance=scale) if scale is not None and self.embeds_guidance else cond
 
     def loss(self, phase, batch, step):
         cfg = self.config
@@ -289,8 +292,7 @@ class ConsistencyObjective(Objective):
         device = self.device
         cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
                 else (self.null_cond.to(device).repeat(n) if self.null_cond is not None else Cond()))
-        scale = None if self.config.guidance_range is None else torch.full((n,), self.recipe.guidance_scale,
-                                                                            device=device)
+        scale = torch.full((n,), self.recipe.guidance_scale, device=device) if self.embeds_guidance else None
         x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         ts = self.sample_timesteps()
         for i, t in enumerate(ts):
@@ -322,12 +324,19 @@ class ConsistencyObjective(Objective):
                           meta={"resolution": self.resolution, "channels": self.channels})
 
 
+@dataclass
+class LCMLoRAConfig(ConsistencyConfig):
+    lora_rank: int = 64  # LCM-LoRA's rank (alpha = rank)
+    embed_guidance: bool = False  # no guidance embedding: the drawn scale is the teacher's alone
+
+
 @register
 class LCMLoRAObjective(ConsistencyObjective):
     """LCM-LoRA: the student is LoRA on the frozen teacher (which is the same weights with the adapters off);
     no target network — the target is the student itself under no grad (Diffusers' LCM-LoRA scripts)."""
 
     name = "lcm_lora"
+    Config = LCMLoRAConfig
     state_modules = ()
 
     def __init__(self, config: ConsistencyConfig, *args, **kwargs):
@@ -466,8 +475,7 @@ class TSCDObjective(ConsistencyObjective):
         device = self.device
         cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
                 else (self.null_cond.to(device).repeat(n) if self.null_cond is not None else Cond()))
-        scale = None if self.config.guidance_range is None else torch.full((n,), self.recipe.guidance_scale,
-                                                                            device=device)
+        scale = torch.full((n,), self.recipe.guidance_scale, device=device) if self.embeds_guidance else None
         x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         student_cond = self._student_cond(cond, scale)
         return solve(lambda xx, tt: self.student(xx, tt, student_cond), self.schedule, x,
