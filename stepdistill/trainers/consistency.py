@@ -159,8 +159,6 @@ class ConsistencyObjective(Objective):
         self.teacher = teacher.freeze()
         self.teacher_scheduler = teacher_scheduler
         self.schedule = teacher.schedule
-        if self.schedule.kind != "vp":
-            raise ConfigError("method lcm distils VP (DDPM-type) teachers; flow-matching teachers are not supported yet")
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
         self.null_cond = teacher.null_cond
         self.embeds_guidance = config.guidance_range is not None and config.embed_guidance
@@ -177,17 +175,39 @@ class ConsistencyObjective(Objective):
             self.student = teacher.clone(trainable=True)
         self.target = self._make_target()
         total = self.schedule.num_train_timesteps
-        if total % config.num_ddim_timesteps:
-            raise ConfigError(f"objective.num_ddim_timesteps={config.num_ddim_timesteps} does not divide the "
-                              f"teacher's {total} training timesteps into equal skips")
-        self.grid = lcm_grid(total, config.num_ddim_timesteps)
-        self.skip = total // config.num_ddim_timesteps
-        # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
-        # of its trained range unless the user asks for another scale
-        self.recipe = get_recipe("lcm", config.student_steps,
-                                 float(sum(config.guidance_range) / 2) if self.embeds_guidance else 1.0,
-                                 original_inference_steps=config.num_ddim_timesteps,
-                                 timestep_scaling=config.timestep_scaling)
+        guidance = float(sum(config.guidance_range) / 2) if self.embeds_guidance else 1.0
+        if self.schedule.kind == "flow":
+            # flow teachers: the grid is N points of the teacher's shifted sigma schedule; the consistency function
+            # is the x0 prediction x - sigma u itself (it equals x at sigma = 0); exported with FlowMatchLCMScheduler
+            n = config.num_ddim_timesteps
+            sigmas = self.schedule.shift_sigma(torch.arange(1, n + 1, dtype=torch.float64) / n)
+            self.grid = (sigmas * total).tolist()
+            self.grid_prev = [0.0] + self.grid[:-1]
+            self.recipe = get_recipe("flow_lcm", config.student_steps, guidance)
+        else:
+            if total % config.num_ddim_timesteps:
+                raise ConfigError(f"objective.num_ddim_timesteps={config.num_ddim_timesteps} does not divide the "
+                                  f"teacher's {total} training timesteps into equal skips")
+            self.grid = lcm_grid(total, config.num_ddim_timesteps)
+            skip = total // config.num_ddim_timesteps
+            self.grid_prev = [max(t - skip, 0) for t in self.grid]
+            # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
+            # of its trained range unless the user asks for another scale
+            self.recipe = get_recipe("lcm", config.student_steps, guidance,
+                                     original_inference_steps=config.num_ddim_timesteps,
+                                     timestep_scaling=config.timestep_scaling)
+
+    def f(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The consistency function from a network's x0 prediction: LCM's boundary form (VP), x0 itself (flow)."""
+        if self.schedule.kind == "flow":
+            return x0.float()
+        return consistency_function(x_t, x0, t, self.config.timestep_scaling)
+
+    def grid_pair(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random grid timesteps ``t_{n+k}`` and the grid point one teacher step below each, ``t_n``."""
+        index = torch.randint(0, len(self.grid), (n,), device=device)
+        t = torch.as_tensor(self.grid, device=device, dtype=torch.float32)[index]
+        return t, torch.as_tensor(self.grid_prev, device=device, dtype=torch.float32)[index]
 
     def _make_target(self) -> Denoiser | None:
         return self.student.clone(trainable=False).freeze()
@@ -243,20 +263,17 @@ class ConsistencyObjective(Objective):
         x0 = batch["image"]
         n, device = x0.shape[0], x0.device
         cond = Cond.from_batch(batch)
-        index = torch.randint(0, len(self.grid), (n,), device=device)
-        t = torch.as_tensor(self.grid, device=device, dtype=torch.float32)[index]
-        t_prev = (t - self.skip).clamp(min=0)
+        t, t_prev = self.grid_pair(n, device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         scale = self._guidance(n, device)
         student_cond = self._student_cond(cond, scale)
-        pred = consistency_function(x_t, self.student(x_t, t, student_cond), t, cfg.timestep_scaling)
+        pred = self.f(x_t, self.student(x_t, t, student_cond), t)
         with torch.no_grad():
             guidance = scale if scale is not None else cfg.guidance_scale
             x_prev = self.teacher_step(x_t, t, t_prev, cond, guidance)
             target_net = self.student if self.target is None else self.target
-            target = consistency_function(x_prev, target_net(x_prev, t_prev, student_cond), t_prev,
-                                          cfg.timestep_scaling)
+            target = self.f(x_prev, target_net(x_prev, t_prev, student_cond), t_prev)
         loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
         return loss, {"consistency": loss.detach()}
 
@@ -297,8 +314,7 @@ class ConsistencyObjective(Objective):
         ts = self.sample_timesteps()
         for i, t in enumerate(ts):
             tt = torch.full((n,), float(t), device=device)
-            x0 = consistency_function(x, self.student(x, tt, self._student_cond(cond, scale)), tt,
-                                      self.config.timestep_scaling)
+            x0 = self.f(x, self.student(x, tt, self._student_cond(cond, scale)), tt)
             x = x0 if i == len(ts) - 1 else self.schedule.add_noise(x0, torch.randn_like(x0), float(ts[i + 1]))
         return x.clamp(-1, 1)
 
@@ -429,7 +445,12 @@ class TSCDObjective(ConsistencyObjective):
 
     def __init__(self, config: TSCDConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        from ..config import ConfigError
         from ..pipelines import get_recipe
+
+        if self.schedule.kind != "vp":
+            raise ConfigError("tscd segments a VP teacher's trajectory at trailing DDIM timesteps; flow teachers are "
+                              "not supported")
 
         self.stage_starts = config.stage_starts or [0] * len(config.segments)
         last = config.segments[-1]
@@ -453,9 +474,7 @@ class TSCDObjective(ConsistencyObjective):
         n, device = x0.shape[0], x0.device
         cond = Cond.from_batch(batch)
         k = self.segments_at(step)
-        index = torch.randint(0, len(self.grid), (n,), device=device)
-        t = torch.as_tensor(self.grid, device=device, dtype=torch.float32)[index]
-        t_prev = (t - self.skip).clamp(min=0)
+        t, t_prev = self.grid_pair(n, device)
         boundary = segment_boundary(t, k, self.schedule.num_train_timesteps)
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
         scale = self._guidance(n, device)
