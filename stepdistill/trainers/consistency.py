@@ -303,18 +303,24 @@ class ConsistencyObjective(Objective):
             ema_update(self.target, unwrap(self.student), self.config.target_ema)
 
     # --- sampling and export -----------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, batch, generator=None):
-        n = batch["batch_size"]
+    def _sample_inputs(self, n: int, generator=None) -> tuple[torch.Tensor, Cond]:
+        """Noise and the student's condition for sample grids (classes 0, 1, ...; the empty prompt; the
+        recipe's guidance for an embedded student)."""
         device = self.device
         cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
                 else (self.null_cond.to(device).repeat(n) if self.null_cond is not None else Cond()))
         scale = torch.full((n,), self.recipe.guidance_scale, device=device) if self.embeds_guidance else None
         x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
+        return x, self._student_cond(cond, scale)
+
+    @torch.no_grad()
+    def sample(self, batch, generator=None):
+        """The exported scheduler's sampling: x0 from the consistency function, fresh noise to the next step."""
+        x, cond = self._sample_inputs(batch["batch_size"], generator)
         ts = self.sample_timesteps()
         for i, t in enumerate(ts):
-            tt = torch.full((n,), float(t), device=device)
-            x0 = self.f(x, self.student(x, tt, self._student_cond(cond, scale)), tt)
+            tt = torch.full((x.shape[0],), float(t), device=x.device)
+            x0 = self.f(x, self.student(x, tt, cond), tt)
             x = x0 if i == len(ts) - 1 else self.schedule.add_noise(x0, torch.randn_like(x0), float(ts[i + 1]))
         return x.clamp(-1, 1)
 
@@ -490,12 +496,6 @@ class TSCDObjective(ConsistencyObjective):
     def sample(self, batch, generator=None):
         from ..solvers import sample as solve
 
-        n = batch["batch_size"]
-        device = self.device
-        cond = (Cond(class_labels=torch.arange(n, device=device) % self.num_classes) if self.num_classes
-                else (self.null_cond.to(device).repeat(n) if self.null_cond is not None else Cond()))
-        scale = torch.full((n,), self.recipe.guidance_scale, device=device) if self.embeds_guidance else None
-        x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
-        student_cond = self._student_cond(cond, scale)
-        return solve(lambda xx, tt: self.student(xx, tt, student_cond), self.schedule, x,
+        x, cond = self._sample_inputs(batch["batch_size"], generator)
+        return solve(lambda xx, tt: self.student(xx, tt, cond), self.schedule, x,
                      self.sample_timesteps()).clamp(-1, 1)
