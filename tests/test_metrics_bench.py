@@ -146,3 +146,32 @@ def test_bench_reuses_a_measurement_only_under_the_same_protocol(folders, cache,
     rows = json.loads((other_seed / "results.json").read_text())["models"][0]["results"]
     assert not any(r.get("reused") for r in rows)
     assert main([*args, "--out-dir", str(tmp_path / "x"), "--reuse", str(tmp_path / "none.json"), *FAST]) == 2
+
+
+def test_a_lora_export_is_evaluated_with_its_lora(folders, cache, tmp_path):
+    """Its folder holds the base weights and a LoRA file; eval must load the LoRA as the model card does, so the
+    numbers equal those of the same student exported fused."""
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model
+    from stepdistill.pipelines.export import export_pipeline
+
+    student = load_model(ModelConfig(source=str(folders / "teacher"))).denoiser
+    student.with_lora(4)
+    torch.manual_seed(0)
+    for name, p in student.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a LoRA that changes the outputs
+    loaded = load_model(ModelConfig(source=str(folders / "teacher")))
+    results = {}
+    for fmt in ("diffusers", "fused"):
+        folder = export_pipeline(student, "ddim_trailing", tmp_path / fmt, steps=2, base_scheduler=loaded.scheduler,
+                                 num_classes=10, lora_format=fmt)
+        assert ((folder / "pytorch_lora_weights.safetensors").is_file()) == (fmt == "diffusers")
+        out = tmp_path / f"{fmt}.json"
+        assert main(["eval", str(folder), "--out", str(out), "--cache-dir", cache, "--metrics", "fid,kid", *FAST]) == 0
+        results[fmt] = json.loads(out.read_text())["models"][0]["results"][0]["fid"]
+    base = tmp_path / "base.json"
+    assert main(["eval", str(folders / "teacher"), "--nfe", "2", "--out", str(base), "--cache-dir", cache,
+                 "--metrics", "fid,kid", *FAST]) == 0
+    assert results["diffusers"] == pytest.approx(results["fused"], rel=1e-4)
+    assert results["diffusers"] != pytest.approx(json.loads(base.read_text())["models"][0]["results"][0]["fid"], rel=1e-3)

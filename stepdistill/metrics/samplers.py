@@ -184,6 +184,9 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
             pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"cannot load the pipeline in {folder}: {exc}") from exc
+    lora = (meta.get("export") or {}).get("lora") or {}
+    if lora.get("weight_name"):  # a LoRA student: the base weights plus its LoRA file, as its model card loads it
+        pipe.load_lora_weights(folder, weight_name=lora["weight_name"])
     sampler = f"the pipeline's own ({type(pipe.scheduler).__name__})"
     if kind == "teacher":
         pipe.scheduler, sampler = _teacher_scheduler(pipe.scheduler)
