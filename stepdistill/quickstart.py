@@ -7,7 +7,7 @@ Stages (each resumes if the command is run again with the same ``--out``):
    teacher DPM-Solver++ at 12 steps reaches the FID of DDIM at 32, at 0.4x the cost);
 2. ``regression``: a warm start, the student regressing the pairs (Luhman & Luhman 2021; DMD's regression term);
 3. ``dmd2``: DMD2 from that student — distribution matching against the teacher with the two time-scale rule
-   (fake score every step; here the generator too), without the GAN term (see ``DMD2`` below);
+   (fake score every step; here the generator too), without the GAN term (see ``DMD2`` below for why);
 4. ``pipeline``: the student exported as a Diffusers pipeline (1 step);
 5. the benchmark: the teacher at NFE 1..64 and the student at 1, same N, noise and labels (``stepdistill bench``).
 
