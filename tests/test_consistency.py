@@ -198,7 +198,7 @@ def test_scott_teacher_is_a_stochastic_multistep_ddim(tmp_path, teacher_folder):
 def test_segment_boundaries_are_the_trailing_ddim_timesteps():
     from diffusers import DDIMScheduler
 
-    from stepdistill.trainers.consistency import segment_boundary, stage_of, to_boundary
+    from stepdistill.trainers.tscd import segment_boundary, stage_of, to_boundary
 
     t = torch.tensor([999.0, 750.0, 749.0, 500.0, 499.0, 250.0, 249.0, 24.0])
     assert segment_boundary(t, 4).tolist() == [749, 749, 499, 499, 249, 249, 0, 0]

@@ -93,13 +93,17 @@ def test_one_step_export_reproduces_the_generator(tmp_path, teacher_folder):
     trainer = build_trainer(dmd_run(tmp_path, teacher_folder))
     o = trainer.objective
     folder = export_pipeline(o.export_spec(), None, tmp_path / "export")
-    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    assert_pipeline_is_the_generator(ClassConditionalPipeline.from_pretrained(folder), o)
+
+
+def assert_pipeline_is_the_generator(pipe, o):
+    """The exported pipeline's images from given noise and labels are the generator's own samples."""
+    from stepdistill import Cond
+
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 2, 3])
     images = pipe(class_labels=labels, latents=noise, output_type="pt").images
-    from stepdistill import Cond
-
     with torch.no_grad():
         direct = o._generate(noise, Cond(class_labels=labels), grad=False)
     torch.testing.assert_close(images, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
@@ -184,15 +188,7 @@ def test_lora_generator_and_fake_score_share_the_frozen_teacher_weights(tmp_path
     folder = export_run(trainer.output_dir, tmp_path / "export", ema=False)
     pipe = ClassConditionalPipeline.from_pretrained(folder)
     pipe.load_lora_weights(folder)
-    pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([1, 2, 3])
-    images = pipe(class_labels=labels, latents=noise, output_type="pt").images
-    from stepdistill import Cond
-
-    with torch.no_grad():
-        direct = o._generate(noise, Cond(class_labels=labels), grad=False)
-    torch.testing.assert_close(images, (direct / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+    assert_pipeline_is_the_generator(pipe, o)
     with pytest.raises(ConfigError, match="one or the other"):
         dmd_run(tmp_path, teacher_folder, generator_lora_rank=4, generator_init="x")
 

@@ -119,7 +119,8 @@ from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (re
 from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
 from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
-from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective, TSCDObjective  # noqa: E402, F401
+from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective  # noqa: E402  (lcm, lcm_lora, scott)
+from .tscd import TSCDObjective  # noqa: E402  (registers "tscd")
 from .ict import ICTObjective  # noqa: E402  (registers "ict")
 
 __all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "ICTObjective", "ICTTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
