@@ -55,6 +55,9 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     split: Literal["all", "train", "test"] = "all"
+    # image-to-image (super-resolution) data: each item also carries ``source_image``, the image reduced to this
+    # resolution (area) and brought back to ``resolution`` (nearest), for teachers that take it concatenated
+    source_resolution: int | None = None
 
 
 @dataclass

@@ -218,12 +218,48 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return path
 
 
+def low_resolution(image: torch.Tensor, source_resolution: int) -> torch.Tensor:
+    """A super-resolution source: ``image`` (C, H, W) reduced to ``source_resolution`` by area averaging, then
+    brought back to H x W by nearest neighbour (so that it can be concatenated to the noisy sample)."""
+    small = F.interpolate(image[None].float(), size=(source_resolution, source_resolution), mode="area")
+    return F.interpolate(small, size=image.shape[-2:], mode="nearest")[0]
+
+
+class WithSource(torch.utils.data.Dataset):
+    """Items of ``dataset`` plus ``source_image`` = :func:`low_resolution` of their image."""
+
+    def __init__(self, dataset, source_resolution: int):
+        self.dataset, self.source_resolution = dataset, source_resolution
+        self.num_classes = getattr(dataset, "num_classes", None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = dict(self.dataset[i])
+        item["source_image"] = low_resolution(item["image"], self.source_resolution)
+        return item
+
+
 def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
-    """The data set a :class:`~stepdistill.config.DataConfig` names (None for ``dataset: none``).
+    """The data set a :class:`~stepdistill.config.DataConfig` names (None for ``dataset: none``), with source
+    images when ``source_resolution`` is set.
 
     ``prompts`` needs the teacher (``model_cfg``): its own text encoders encode the prompts (cached in
     ``cache_dir``), see :func:`prompt_dataset`.
     """
+    dataset = _build_dataset(cfg, model_cfg, cache_dir)
+    if cfg.source_resolution is None:
+        return dataset
+    if cfg.dataset not in ("digits", "folder"):
+        raise DataError("data.source_resolution (super-resolution sources) is for digits or folder images")
+    if not 1 <= cfg.source_resolution < cfg.resolution:
+        raise DataError(f"data.source_resolution must be below data.resolution ({cfg.resolution}), not "
+                        f"{cfg.source_resolution}")
+    return WithSource(dataset, cfg.source_resolution)
+
+
+def _build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
     if cfg.dataset == "prompts":
         return prompt_dataset(cfg, model_cfg, cache_dir)
     if cfg.dataset == "digits":

@@ -245,3 +245,31 @@ def test_sample_seeds_give_each_run_seed_its_own_stream():
     assert all(len(a & b) == 0 for k, a in enumerate(streams) for b in streams[k + 1:])
     pairs = {sample_seed(2**31, i) for i in range(50_000)}  # make-pairs' stream
     assert all(not (pairs & s) for s in streams)
+
+
+def test_super_resolution_sources_and_an_image_conditioned_teacher(tmp_path):
+    from stepdistill.config import ConfigError, resolve
+    from stepdistill.data import build_dataset, low_resolution
+    from stepdistill.trainers import build_trainer
+    from tiny import TINY_UNET, tiny_teacher_raw
+
+    raw = tiny_teacher_raw(tmp_path / "sr", max_steps=2)
+    raw["data"]["source_resolution"] = 4
+    raw["model"]["backbone_config"] = {**TINY_UNET, "in_channels": 2, "num_class_embeds": None}
+    run = resolve(raw)
+    data = build_dataset(run.data)
+    item = data[5]
+    small = item["image"].reshape(1, 4, 2, 4, 2).mean(dim=(2, 4))  # 2x2 area averages of the 8x8 image
+    torch.testing.assert_close(item["source_image"], small.repeat_interleave(2, 1).repeat_interleave(2, 2))
+    torch.testing.assert_close(low_resolution(item["image"], 4), item["source_image"])
+    seen = []
+    trainer = build_trainer(run)
+    trainer.objective.model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    trainer.train(resume=None)
+    assert trainer.objective.num_classes is None and seen and set(seen) == {2}  # image + its source, no labels
+    raw["data"]["source_resolution"] = None
+    with pytest.raises(ConfigError, match="no source images: set data.source_resolution"):
+        build_trainer(resolve(raw))
+    raw["data"]["source_resolution"] = 8
+    with pytest.raises(DataError, match="must be below data.resolution"):
+        build_dataset(resolve(raw).data)
