@@ -114,8 +114,9 @@ def _summary(results: dict) -> str:
     lines = []
     for m in results["models"]:
         for r in m["results"]:
+            sr = f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  " if "psnr" in r else ""
             lines.append(f"{m['name']:>20} {m['kind']:>7}  nfe {r['nfe']:>3}  FID {r['fid']:.4g}  "
-                         f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}  {r['seconds_per_image'] * 1e3:.3g} ms/img")
+                         f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}  {sr}{r['seconds_per_image'] * 1e3:.3g} ms/img")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ from .fid import FidelityEvaluator, METRICS
 from .samplers import EvalModel, to_uint8_unit
 
 DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
-RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n", "reused")
+RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", "reused")
 GRID_COUNT = 100
 NOISE_RULE = ("sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the "
               "same for every model and NFE")
@@ -76,6 +76,7 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
     from ..data import save_grid
 
     acc = evaluator.accumulator()
+    fidelity = ReconstructionScores() if model.targets is not None else None
     n, bs = settings.n, settings.batch_size
     starts = list(range(0, n, bs))
     timed_seconds, timed_images, grid = 0.0, 0, []
@@ -87,6 +88,8 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
         dt = time.perf_counter() - t0
         if k > 0 and len(idx) == bs:
             timed_seconds, timed_images = timed_seconds + dt, timed_images + len(idx)
+        if fidelity is not None:
+            fidelity.add(images, model.targets_of(idx))
         images = _resize(images, evaluator.resolution)
         have = sum(len(g) for g in grid)
         if have < settings.grid_count:
@@ -102,8 +105,29 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
     if grid_path is not None and grid:
         save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=10 if model.num_classes == 10 else None,
                   scale=max(1, 64 // evaluator.resolution))
-    return {"nfe": int(nfe), **scores, "seconds_per_image": timed_seconds / timed_images, "n": features.n,
-            "timed_images": timed_images}
+    return {"nfe": int(nfe), **scores, **(fidelity.result() if fidelity is not None else {}),
+            "seconds_per_image": timed_seconds / timed_images, "n": features.n, "timed_images": timed_images}
+
+
+class ReconstructionScores:
+    """Mean per-image PSNR (dB) and SSIM (Wang et al. 2004: Gaussian window 11, sigma 1.5) of images against
+    their targets, both in [0, 1] (data range 1), via torchmetrics."""
+
+    def __init__(self):
+        self.psnr, self.ssim, self.n = 0.0, 0.0, 0
+
+    def add(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+        images, targets = images.float().clamp(0, 1), targets.float().to(images.device)
+        psnr = peak_signal_noise_ratio(images, targets, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        ssim = structural_similarity_index_measure(images, targets, data_range=1.0, reduction="none")
+        self.psnr += float(psnr.sum())
+        self.ssim += float(ssim.sum())
+        self.n += len(images)
+
+    def result(self) -> dict:
+        return {"psnr": self.psnr / self.n, "ssim": self.ssim / self.n}
 
 
 def _comparable(protocol_or_model: dict) -> dict:
@@ -159,7 +183,8 @@ def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSett
             row = evaluate_point(model, nfe, evaluator, settings, grid)
             rows.append(row)
             log(f"{model.name} ({model.kind}) nfe={nfe}: " + "  ".join(
-                f"{k}={row[k]:.4g}" for k in ("fid", "kid_mean", "kid_std", "precision", "recall", "seconds_per_image")
+                f"{k}={row[k]:.4g}" for k in ("fid", "kid_mean", "kid_std", "psnr", "ssim", "precision", "recall",
+                                                   "seconds_per_image")
                 if k in row))
         entries.append({"name": model.name, "kind": model.kind,
                         "results": [{k: r[k] for k in RESULT_KEYS if k in r} for r in rows]})

@@ -11,7 +11,9 @@ Sources:
   ``timesteps``, ``guidance_scale``, at the top level or under ``recipe``).
 
 Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``data.sample_seed(seed, i)`` for all of its
-noise (one generator per sample, so the samples do not depend on the batch size or on the model).
+noise (one generator per sample, so the samples do not depend on the batch size or on the model). An image-conditioned
+pipeline (:class:`ImageConditionedPipeline`, super-resolution) gets as sample ``i``'s source the digit ``i % 1797``
+reduced to the pipeline's ``source_resolution`` (as in training), and that digit is its target for PSNR / SSIM.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class EvalModel:
     sampler: str = ""
     prompts: list[str] | None = None
     info: dict = field(default_factory=dict)
+    sources: torch.Tensor | None = None  # image-conditioned: source i % len, (N, C, H, W) in [-1, 1]
+    targets: torch.Tensor | None = None  # ... and the real image it should become, in [0, 1]
 
     def __post_init__(self):
         self._params = inspect.signature(self.pipe.__call__).parameters
@@ -69,7 +73,9 @@ class EvalModel:
             kwargs["timesteps"] = list(self.timesteps)
         else:
             kwargs["num_inference_steps"] = nfe
-        if self.num_classes is not None and "class_labels" in p:
+        if self.sources is not None:
+            kwargs["image"] = self.sources[[i % len(self.sources) for i in indices]]
+        elif self.num_classes is not None and "class_labels" in p:
             kwargs["class_labels"] = [i % self.num_classes for i in indices]
         elif "prompt" in p and self.prompts:
             kwargs["prompt"] = [self.prompts[i % len(self.prompts)] for i in indices]
@@ -91,6 +97,9 @@ class EvalModel:
                 "scheduler": type(getattr(self.pipe, "scheduler", None)).__name__, "sampler": self.sampler,
                 "guidance": self.guidance, "timesteps": self.timesteps,
                 "class_labels": f"i % {self.num_classes}" if self.num_classes else None, **self.info}
+
+    def targets_of(self, indices) -> torch.Tensor | None:
+        return None if self.targets is None else self.targets[[i % len(self.targets) for i in indices]]
 
 
 def to_uint8_unit(images: torch.Tensor) -> torch.Tensor:
@@ -153,6 +162,9 @@ def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) 
     if type(backbone).__name__ != "UNet2DModel":
         raise ModelLoadError(f"{folder} holds a {type(backbone).__name__}; evaluate latent or text-to-image "
                              "teachers as a Diffusers pipeline folder (model_index.json)")
+    if backbone.config.in_channels != backbone.config.out_channels:
+        raise ModelLoadError(f"{folder} holds an image-conditioned UNet: export it (`stepdistill export RUN --out "
+                             "DIR`) and evaluate that pipeline with --kind teacher")
     scheduler, sampler = _teacher_scheduler(loaded.scheduler)
     num_classes = loaded.meta.get("num_classes")
     if num_classes is None and backbone.config.get("num_class_embeds"):
@@ -169,7 +181,7 @@ def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) 
 def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
     from diffusers import DiffusionPipeline
 
-    from ..pipelines import ClassConditionalPipeline
+    from ..pipelines import ClassConditionalPipeline, ImageConditionedPipeline
 
     index = json.loads((folder / "model_index.json").read_text())
     cls_name = index.get("_class_name")
@@ -178,8 +190,9 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
     # a folder our exporter wrote says whether its shims (pipeline.py, scheduler/scheduler.py) must be trusted
     trust = bool((meta.get("export") or {}).get("trust_remote_code", False))
     try:
-        if cls_name == "ClassConditionalPipeline":
-            pipe = ClassConditionalPipeline.from_pretrained(folder)
+        if cls_name in ("ClassConditionalPipeline", "ImageConditionedPipeline"):
+            pipe = (ClassConditionalPipeline if cls_name == "ClassConditionalPipeline"
+                    else ImageConditionedPipeline).from_pretrained(folder)
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -207,7 +220,25 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
         null = meta.get("num_classes", config.get("null_class"))
         num_classes = int(null) if null is not None else int(denoiser.config.num_class_embeds)
     default = [int(s) for s in (steps if isinstance(steps, list) else [steps])] if steps else []
+    info = {"weights_fingerprint": _fingerprint(denoiser) if denoiser is not None else None,
+            "folder": str(folder.resolve())}
+    sources = targets = None
+    if isinstance(pipe, ImageConditionedPipeline):
+        sources, targets = super_resolution_pairs(denoiser.config.sample_size, pipe.config.source_resolution)
+        info["sources"] = (f"digits i % {len(sources)} ({targets.shape[-1]}px, the PSNR/SSIM target) reduced to "
+                           f"{pipe.config.source_resolution}px (area)")
     return EvalModel(name, kind, pipe, str(source), default, None if guidance is None else float(guidance),
-                     num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, prompts,
-                     {"weights_fingerprint": _fingerprint(denoiser) if denoiser is not None else None,
-                      "folder": str(folder.resolve())})
+                     num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, prompts, info,
+                     sources, targets)
+
+
+def super_resolution_pairs(resolution: int, source_resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sources, targets): every digit at ``resolution`` in [0, 1] and its training-style source (area-down to
+    ``source_resolution``, nearest-up), in [-1, 1]."""
+    from ..data import digits_tensors, low_resolution
+
+    if not source_resolution:
+        raise ModelLoadError("this image-conditioned pipeline does not record its source_resolution (config)")
+    images, _ = digits_tensors(resolution)
+    sources = torch.stack([low_resolution(im, source_resolution) for im in images])
+    return sources, (images + 1) / 2

@@ -9,6 +9,7 @@ import importlib
 
 _EXPORTS = {
     "ClassConditionalPipeline": "class_conditional",
+    "ImageConditionedPipeline": "image_conditioned",
     "MultiStudentPipeline": "multi_student",
     "MultiStudentUNet": "multi_student",
     "MultiStudentSpec": "multi_student",

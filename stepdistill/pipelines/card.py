@@ -12,11 +12,11 @@ def call_code(info: dict, path: str = "PATH/TO/THIS/FOLDER") -> str:
     """The exact loading and generating code for an export, from its ``stepdistill.json`` ``export`` entry."""
     lines = ["import torch"]
     pipe_name = info["pipeline"]
-    if info["needs_stepdistill"] and pipe_name == "ClassConditionalPipeline":
+    if info["needs_stepdistill"] and pipe_name in ("ClassConditionalPipeline", "ImageConditionedPipeline"):
         lines.append("from diffusers import DiffusionPipeline")
         lines.append("")
         lines.append("# needs `pip install stepdistill`;")
-        lines.append("# or: from stepdistill.pipelines import ClassConditionalPipeline")
+        lines.append(f"# or: from stepdistill.pipelines import {pipe_name}")
         lines.append(f"pipe = DiffusionPipeline.from_pretrained({path!r}, trust_remote_code=True)")
     elif info["needs_stepdistill"]:
         lines.append("from diffusers import DiffusionPipeline")
@@ -37,6 +37,11 @@ def call_code(info: dict, path: str = "PATH/TO/THIS/FOLDER") -> str:
         args.append(repr("a photo of a cat"))
     elif call["input"] == "class_labels":
         args.append("class_labels=[0, 1, 2, 3]")
+    elif call["input"] == "image":
+        size, channels = call.get("source_resolution") or 8, call.get("source_channels") or 1
+        lines.append(f"low_res = torch.rand(4, {channels}, {size}, {size}) * 2 - 1  # your sources, in [-1, 1] "
+                     "(or PIL images)")
+        args.append("image=low_res")
     elif call["input"] == "batch_size":
         args.append("batch_size=4")
     args += [f"{k}={_py(v)}" for k, v in call["kwargs"].items()]

@@ -13,6 +13,7 @@ backbone                       pipeline
 =============================  ==========================================================================
 UNet2DModel, unconditional     ``DDPMPipeline`` (call with ``num_inference_steps=K``)
 UNet2DModel, class labels      ``stepdistill.pipelines.ClassConditionalPipeline`` (``trust_remote_code``)
+UNet2DModel, source image      ``stepdistill.pipelines.ImageConditionedPipeline`` (in_channels > out_channels)
 UNet2DConditionModel           ``StableDiffusionPipeline``; SDXL (``text_time``): ``StableDiffusionXLPipeline``;
                                guidance embedding (``time_cond_proj_dim``): ``LatentConsistencyModelPipeline``
 DiTTransformer2DModel          ``DiTPipeline`` (its CFG null class is 1000)
@@ -54,14 +55,14 @@ CONFIG_FILE = "training_config.yaml"
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FORMATS = ("diffusers", "fused", "both")
 #: pipelines of this package (need stepdistill and trust_remote_code to load)
-OWN_PIPELINES = ("ClassConditionalPipeline",)
+OWN_PIPELINES = ("ClassConditionalPipeline", "ImageConditionedPipeline")
 #: the component a pipeline's LoRA loader takes (``save_lora_weights(<prefix>_lora_layers=...)``)
 LORA_PREFIX = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
                "LatentConsistencyModelPipeline": "unet", "StableDiffusion3Pipeline": "transformer",
-               "FluxPipeline": "transformer", "ClassConditionalPipeline": "unet"}
+               "FluxPipeline": "transformer", "ClassConditionalPipeline": "unet", "ImageConditionedPipeline": "unet"}
 #: text and VAE components each pipeline needs to generate (the rest may be None)
 REQUIRED = {
-    "DDPMPipeline": (), "ClassConditionalPipeline": (), "DiTPipeline": ("vae",),
+    "DDPMPipeline": (), "ClassConditionalPipeline": (), "ImageConditionedPipeline": (), "DiTPipeline": ("vae",),
     "StableDiffusionPipeline": ("vae", "tokenizer", "text_encoder"),
     "LatentConsistencyModelPipeline": ("vae", "tokenizer", "text_encoder"),
     "StableDiffusionXLPipeline": ("vae", "tokenizer_2", "text_encoder_2"),
@@ -71,7 +72,7 @@ REQUIRED = {
     "FluxPipeline": ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
 }
 PIPELINES_FOR = {
-    "UNet2DModel": ("DDPMPipeline", "ClassConditionalPipeline"),
+    "UNet2DModel": ("DDPMPipeline", "ClassConditionalPipeline", "ImageConditionedPipeline"),
     "UNet2DConditionModel": ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                              "LatentConsistencyModelPipeline"),
     "DiTTransformer2DModel": ("DiTPipeline",),
@@ -157,9 +158,15 @@ def pipeline_for(student: Denoiser, base_class: str | None = None, override: str
     allowed = list(PIPELINES_FOR[fam])
     if fam == "UNet2DModel":
         has_classes = bool(config.get("num_class_embeds")) or config.get("class_embed_type") is not None
-        default = "ClassConditionalPipeline" if has_classes else "DDPMPipeline"
-        if has_classes:
-            allowed.remove("DDPMPipeline")
+        if config.in_channels != config.out_channels:  # the source image is concatenated on channels
+            if has_classes:
+                raise ExportError("a class-conditional image-conditioned UNet2DModel has no pipeline yet")
+            allowed, default = ["ImageConditionedPipeline"], "ImageConditionedPipeline"
+        else:
+            allowed.remove("ImageConditionedPipeline")
+            default = "ClassConditionalPipeline" if has_classes else "DDPMPipeline"
+            if has_classes:
+                allowed.remove("DDPMPipeline")
     elif fam == "UNet2DConditionModel":
         if config.get("addition_embed_type") == "text_time":
             allowed = ["StableDiffusionXLPipeline"]
@@ -184,9 +191,9 @@ def pipeline_for(student: Denoiser, base_class: str | None = None, override: str
 
 def pipeline_class(name: str):
     if name in OWN_PIPELINES:
-        from . import class_conditional
+        from .. import pipelines
 
-        return getattr(class_conditional, name)
+        return getattr(pipelines, name)
     import diffusers
 
     return getattr(diffusers, name)
@@ -528,6 +535,9 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     if pipe_name == "ClassConditionalPipeline":
         extra_init.update(num_inference_steps=recipe.num_inference_steps, guidance_scale=scale,
                           null_class=student.null_class)
+    if pipe_name == "ImageConditionedPipeline":
+        extra_init.update(num_inference_steps=recipe.num_inference_steps,
+                          source_resolution=(spec.meta or {}).get("source_resolution"))
 
     tmp = _prepare_out(out_dir, overwrite)
     try:
@@ -612,7 +622,8 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
     recipe = spec.recipe
     config = backbones.unwrap(backbone).config
     kwargs = {"num_inference_steps": recipe.num_inference_steps}
-    if pipe_name != "DDPMPipeline" and not (pipe_name == "FluxPipeline" and mode != "embedded"):
+    if pipe_name not in ("DDPMPipeline", "ImageConditionedPipeline") and not (pipe_name == "FluxPipeline"
+                                                                              and mode != "embedded"):
         kwargs["guidance_scale"] = scale
     if pipe_name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline") and config.get("sample_size") not in (32, 64, 128):
         kwargs["use_resolution_binning"] = False
@@ -625,6 +636,8 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
         call_input = "class_labels"
     elif pipe_name == "ClassConditionalPipeline":
         call_input = "class_labels" if config.get("num_class_embeds") else "batch_size"
+    elif pipe_name == "ImageConditionedPipeline":
+        call_input = "image"
     else:
         call_input = "prompt"
     needs = pipe_name in OWN_PIPELINES or not hasattr(__import__("diffusers"), type(scheduler).__name__)
@@ -632,7 +645,8 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
     return {
         "name": name,
         "pipeline": pipe_name,
-        "pipeline_tag": "text-to-image" if call_input == "prompt" else "unconditional-image-generation",
+        "pipeline_tag": {"prompt": "text-to-image", "image": "image-to-image"}.get(call_input,
+                                                                                   "unconditional-image-generation"),
         "needs_stepdistill": needs,
         "trust_remote_code": needs,
         "denoiser": type(backbone).__name__,
@@ -643,7 +657,9 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
         "timesteps": ts,
         "guidance": {"mode": mode, "guidance_scale": scale},
         "nfe_per_image": recipe.num_inference_steps * (2 if mode == "cfg" else 1),
-        "call": {"input": call_input, "kwargs": kwargs},
+        "call": {"input": call_input, "kwargs": kwargs,
+                 **({"source_resolution": spec.meta.get("source_resolution"),
+                     "source_channels": config.in_channels - config.out_channels} if call_input == "image" else {})},
         "lora": lora_info,
         "variants": list(variants),
         "dtype": str(dtype).replace("torch.", ""),

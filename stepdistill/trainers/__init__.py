@@ -89,6 +89,10 @@ class SCottTrainer(_NamedTrainer):
     method = "scott"
 
 
+class ACDTrainer(_NamedTrainer):
+    method = "acd"
+
+
 class TSCDTrainer(_NamedTrainer):
     method = "tscd"
 
@@ -119,10 +123,10 @@ from .disback import DisBackObjective, DisBackRecordObjective  # noqa: E402  (re
 from .f_distill import FDistillObjective  # noqa: E402  (registers "f_distill")
 from .decoupled_dmd import DecoupledDMDObjective  # noqa: E402  (registers "decoupled_dmd")
 from .teacher import DenoisingObjective  # noqa: E402  (registers "teacher")
-from .consistency import ConsistencyObjective, LCMLoRAObjective, SCottObjective  # noqa: E402  (lcm, lcm_lora, scott)
+from .consistency import ACDObjective, ConsistencyObjective, LCMLoRAObjective, SCottObjective  # noqa: E402,F401  (lcm, lcm_lora, scott, acd)
 from .tscd import TSCDObjective  # noqa: E402  (registers "tscd")
 from .ict import ICTObjective  # noqa: E402  (registers "ict")
 
-__all__ = ["Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "ICTObjective", "ICTTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
+__all__ = ["ACDObjective", "ACDTrainer", "Callback", "ConsistencyObjective", "ConsistencyTrainer", "LCMLoRAObjective", "LCMLoRATrainer", "LCMTrainer", "SCottObjective", "SCottTrainer", "TSCDObjective", "TSCDTrainer", "ICTObjective", "ICTTrainer", "DMD2Trainer", "DMDObjective", "DMDTrainer", "DMDv1Objective", "DisBackObjective", "DisBackRecordObjective", "DisBackTrainer", "MSDObjective", "MSDTSMObjective", "MSDTrainer", "DecoupledDMDObjective",
            "DecoupledDMDTrainer", "DenoisingObjective", "DistillTrainer", "FDistillObjective", "FDistillTrainer", "METHODS", "NonFiniteLoss", "Objective",
            "PeriodicEval", "Phase", "RegressionObjective", "RegressionTrainer", "SampleGrid", "TeacherTrainer", "build_trainer", "get_method", "register"]

@@ -13,6 +13,10 @@ With ``guidance_range`` the scale is drawn per sample and given to the student t
 (``time_cond_proj_dim``: LCM's embedding of w = s - 1, as ``LatentConsistencyModelPipeline`` feeds it); a
 UNet2DConditionModel without one gets it added (LCM: 256 dimensions, zero-initialised projection). Without a range the
 teacher's guidance is fixed and baked into the student.
+
+Adversarial term (``adv_weight`` > 0; SCott's optional one, and adversarial consistency distillation in ``acd.py``):
+a conditional PatchGAN discriminator (a second phase) tells the student's outputs from real images, with the
+source image concatenated for image-conditioned teachers; the student adds ``adv_weight * softplus(-D(f))``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ..models import load_model
 from ..solvers import ddim_from_x0, solver_step
 from . import register
 from .base import Objective, Phase
+from .dmd import gan_discriminator_loss, gan_generator_loss
 
 
 # ------------------------------------------------------------------------------------------------ the math
@@ -74,6 +79,32 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -
         t_param.lerp_(o_param.detach().to(t_param.dtype), 1.0 - decay)
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """A conditional PatchGAN (pix2pix, Isola et al. 2017): the image, with the source image it was made from
+    concatenated on channels for image-conditioned teachers, through ``downsamplings`` strided 4x4 convolutions
+    (width doubling, GroupNorm after the first, LeakyReLU 0.2) to a map of logits, one per patch."""
+
+    def __init__(self, channels: int, source_channels: int = 0, width: int = 64, downsamplings: int = 2):
+        super().__init__()
+        layers, c_in, c = [], channels + source_channels, width
+        for i in range(downsamplings):
+            layers.append(torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1))
+            if i > 0:
+                layers.append(torch.nn.GroupNorm(min(32, c // 4), c))
+            layers.append(torch.nn.LeakyReLU(0.2))
+            c_in, c = c, 2 * c
+        layers.append(torch.nn.Conv2d(c_in, 1, 3, padding=1))
+        self.net = torch.nn.Sequential(*layers)
+        self.source_channels = source_channels
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        if self.source_channels:
+            if source is None:
+                raise ValueError("this discriminator is conditioned on a source image: pass source=")
+            x = torch.cat([x, source.to(x.dtype)], dim=1)
+        return self.net(x.float())
+
+
 # ------------------------------------------------------------------------------------------------ config
 @dataclass
 class ConsistencyConfig:
@@ -93,6 +124,9 @@ class ConsistencyConfig:
     timestep_scaling: float = 10.0
     student_steps: int = 4  # the exported LCMScheduler's steps (the student also samples at 1, 2, ...)
     lora_rank: int = 0  # lcm_lora: LoRA rank on the frozen teacher (LCM-LoRA: 64)
+    adv_weight: float = 0.0  # the adversarial term's weight on the student (0: none; SCott's optional term, acd)
+    disc_width: int = 64  # the PatchGAN discriminator's first-layer channels
+    disc_downsamplings: int = 2  # its strided convolutions (16x16 digits -> 4x4 patches)
 
     def validate(self):
         from ..config import ConfigError
@@ -111,6 +145,8 @@ class ConsistencyConfig:
             raise ConfigError(f"objective.target_ema must be in [0, 1), not {self.target_ema}")
         if self.student_steps < 1 or self.student_steps > self.num_ddim_timesteps:
             raise ConfigError(f"objective.student_steps must be in 1..num_ddim_timesteps, not {self.student_steps}")
+        if self.adv_weight < 0 or self.disc_width < 1 or self.disc_downsamplings < 1:
+            raise ConfigError("objective.adv_weight must be >= 0, disc_width and disc_downsamplings >= 1")
 
 
 def add_guidance_embedding(teacher: Denoiser, dim: int) -> Denoiser:
@@ -151,8 +187,9 @@ class ConsistencyObjective(Objective):
     state_modules = ("target",)
 
     def __init__(self, config: ConsistencyConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
-                 resolution: int, channels: int):
+                 resolution: int, channels: int, source_resolution: int | None = None):
         super().__init__(config)
+        from ..backbones import in_channels
         from ..config import ConfigError
         from ..pipelines import get_recipe
 
@@ -160,6 +197,9 @@ class ConsistencyObjective(Objective):
         self.teacher_scheduler = teacher_scheduler
         self.schedule = teacher.schedule
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        # image-conditioned teachers take a source image (super-resolution: its low-resolution version) on channels
+        self.source_channels = in_channels(teacher.backbone) - channels
+        self.source_resolution = source_resolution
         self.null_cond = teacher.null_cond
         self.embeds_guidance = config.guidance_range is not None and config.embed_guidance
         if config.lora_rank and self.embeds_guidance:
@@ -174,6 +214,8 @@ class ConsistencyObjective(Objective):
         else:
             self.student = teacher.clone(trainable=True)
         self.target = self._make_target()
+        self.discriminator = (PatchDiscriminator(channels, self.source_channels, config.disc_width,
+                                                 config.disc_downsamplings) if config.adv_weight > 0 else None)
         total = self.schedule.num_train_timesteps
         guidance = float(sum(config.guidance_range) / 2) if self.embeds_guidance else 1.0
         if self.schedule.kind == "flow":
@@ -215,16 +257,17 @@ class ConsistencyObjective(Objective):
     # --- construction -----------------------------------------------------------------------------
     @classmethod
     def phase_names(cls, config):
-        return ["student"]
+        return ["student"] + (["discriminator"] if config.adv_weight > 0 else [])
 
     @classmethod
     def optim_defaults(cls, config):
         return {"student": {"lr": 1e-6, "max_grad_norm": 1.0, "lr_schedule": "constant_with_warmup",
-                            "warmup_steps": 500}}
+                            "warmup_steps": 500},
+                "discriminator": {"lr": 2e-4, "betas": (0.5, 0.999), "max_grad_norm": 10.0, "lr_schedule": "constant"}}
 
     @classmethod
     def from_config(cls, run, data=None) -> "ConsistencyObjective":
-        from ..backbones import in_channels
+        from ..backbones import in_channels, unwrap
         from ..config import ConfigError
         from ..models import text_null_cond
         from . import run_cache_dir
@@ -236,15 +279,31 @@ class ConsistencyObjective(Objective):
         if data is None or len(data) == 0 or "image" not in data[0]:
             raise ConfigError("consistency distillation noises data samples: set data.dataset to digits, folder, or "
                               "prompts from a .jsonl naming an image per prompt")
-        channels = in_channels(loaded.denoiser.backbone)
+        channels = data[0]["image"].shape[0]
+        source_channels = in_channels(loaded.denoiser.backbone) - channels
+        if source_channels > 0 and "source_image" not in data[0]:
+            raise ConfigError(f"the teacher is image-conditioned (it takes {in_channels(loaded.denoiser.backbone)} "
+                              f"input channels, the data's images have {channels}) and the data has no source "
+                              "images: set data.source_resolution (super-resolution sources)")
+        if source_channels < 0 or ("source_image" in data[0] and data[0]["source_image"].shape[0] != source_channels):
+            raise ConfigError(f"the teacher takes {in_channels(loaded.denoiser.backbone)} input channels, but the data "
+                              f"has {channels}-channel images" + (f" and {data[0]['source_image'].shape[0]}-channel "
+                                                                  "source images" if "source_image" in data[0] else ""))
+        if source_channels and run.train.sample_every:
+            raise ConfigError("an image-conditioned student samples from source images: set train.sample_every=0 "
+                              "and evaluate the export (stepdistill eval)")
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
-        objective = cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
+        if not unwrap(loaded.denoiser.backbone).config.get("num_class_embeds"):
+            num_classes = None  # the data's labels mean nothing to a backbone without class embeddings
+        objective = cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels,
+                        run.data.source_resolution)
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
             objective.base_folder = loaded.folder
         return objective
 
     def phases(self):
-        return [Phase("student", ("student",))]
+        return [Phase("student", ("student",))] + (
+            [Phase("discriminator", ("discriminator",))] if self.discriminator is not None else [])
 
     # --- the loss ------------------------------------------------------------------------------------
     def _guidance(self, n: int, device) -> torch.Tensor | None:
@@ -258,11 +317,19 @@ class ConsistencyObjective(Objective):
 
         return replace(cond, guidance=scale) if scale is not None and self.embeds_guidance else cond
 
+    def _batch_cond(self, batch) -> Cond:
+        cond = Cond.from_batch(batch)
+        if self.num_classes is None:
+            cond.class_labels = None
+        return cond
+
     def loss(self, phase, batch, step):
+        if phase == "discriminator":
+            return self.discriminator_loss(batch)
         cfg = self.config
         x0 = batch["image"]
         n, device = x0.shape[0], x0.device
-        cond = Cond.from_batch(batch)
+        cond = self._batch_cond(batch)
         t, t_prev = self.grid_pair(n, device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
@@ -275,7 +342,24 @@ class ConsistencyObjective(Objective):
             target_net = self.student if self.target is None else self.target
             target = self.f(x_prev, target_net(x_prev, t_prev, student_cond), t_prev)
         loss = consistency_loss(pred, target, cfg.loss, cfg.huber_c)
-        return loss, {"consistency": loss.detach()}
+        logs = {"consistency": loss.detach()}
+        if self.discriminator is not None:
+            logs["adv"] = gan_generator_loss(self.discriminator(pred, cond.image))
+            loss = loss + cfg.adv_weight * logs["adv"]
+        return loss, {k: v.detach() for k, v in logs.items()}
+
+    def discriminator_loss(self, batch):
+        """``softplus(D(f)) + softplus(-D(x0))``: the student's output at a random grid timestep (no grad) against
+        the real images, each with its source image."""
+        real = batch["image"]
+        cond = self._batch_cond(batch)
+        t, _ = self.grid_pair(real.shape[0], real.device)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(real, torch.randn_like(real), t)
+            student_cond = self._student_cond(cond, self._guidance(real.shape[0], real.device))
+            fake = self.f(x_t, self.student(x_t, t, student_cond), t)
+        loss = gan_discriminator_loss(self.discriminator(real, cond.image), self.discriminator(fake, cond.image))
+        return loss, {"disc": loss.detach()}
 
     def teacher_step(self, x_t, t, t_prev, cond, guidance):
         """The teacher's solver from ``t`` to ``t_prev`` with CFG, in ``solver_substeps`` equal sub-steps (DDIM
@@ -334,16 +418,18 @@ class ConsistencyObjective(Objective):
         from ..models import save_model
 
         save_model(self.student, self.teacher_scheduler, directory,
-                   {"num_classes": self.num_classes, "resolution": self.resolution, "channels": self.channels,
-                    "student_steps": self.config.student_steps})
+                   {"num_classes": self.num_classes, "student_steps": self.config.student_steps, **self._meta()})
+
+    def _meta(self) -> dict:
+        meta = {"resolution": self.resolution, "channels": self.channels}
+        return meta | ({"source_resolution": self.source_resolution} if self.source_channels else {})
 
     def export_spec(self):
         from ..pipelines.export import ExportSpec
 
         return ExportSpec(student=self.student, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
                           method=self.name, num_classes=self.num_classes, timesteps=self.sample_timesteps(),
-                          base_folder=getattr(self, "base_folder", None),
-                          meta={"resolution": self.resolution, "channels": self.channels})
+                          base_folder=getattr(self, "base_folder", None), meta=self._meta())
 
 
 @dataclass
@@ -388,3 +474,30 @@ class SCottObjective(ConsistencyObjective):
 
     name = "scott"
     Config = SCottConfig
+
+
+@dataclass
+class ACDConfig(ConsistencyConfig):
+    """Adversarial consistency distillation's defaults: consistency distillation plus the adversarial term; the
+    paper (SAR-to-optical translation) does not state its weight in the abstract, so 0.1 is ours (tuned on digits
+    super-resolution)."""
+
+    adv_weight: float = 0.1
+
+
+@register
+class ACDObjective(ConsistencyObjective):
+    """Adversarial consistency distillation (the SAR-to-optical translation paper, 2024): consistency distillation
+    of an image-to-image teacher (the source image concatenated on channels) plus a conditional PatchGAN on the
+    student's outputs against the real images, "to ensure image clarity and minimize color shifts"."""
+
+    name = "acd"
+    Config = ACDConfig
+
+    def __init__(self, config: ConsistencyConfig, *args, **kwargs):
+        from ..config import ConfigError
+
+        if config.adv_weight <= 0:
+            raise ConfigError("method acd is consistency distillation with an adversarial term: set "
+                              "objective.adv_weight > 0 (or use method lcm)")
+        super().__init__(config, *args, **kwargs)

@@ -96,7 +96,10 @@ class DenoisingObjective(Objective):
             raise ConfigError("an image-conditioned model samples from source images: set train.sample_every=0")
         # the data's classes are used only by a class-conditional backbone
         num_classes = getattr(data, "num_classes", None) if backbone.config.get("num_class_embeds") else None
-        return cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)
+        objective = cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)
+        if has_source:  # its pipeline upsamples sources of this size (ImageConditionedPipeline)
+            objective.meta["source_resolution"] = run.data.source_resolution
+        return objective
 
     def phases(self):
         return [Phase("model", ("model",))]

@@ -79,6 +79,9 @@ class TSCDObjective(ConsistencyObjective):
         from ..config import ConfigError
         from ..pipelines import get_recipe
 
+        if config.adv_weight:
+            raise ConfigError("tscd's outputs are points on segment boundaries, not images: the adversarial term "
+                              "(objective.adv_weight) is for lcm, scott and acd")
         if self.schedule.kind != "vp":
             raise ConfigError("tscd segments a VP teacher's trajectory at trailing DDIM timesteps; flow teachers are "
                               "not supported")
