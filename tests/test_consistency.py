@@ -235,3 +235,22 @@ def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_
     assert trainer.objective.sample_timesteps() == [999, 749, 499, 249]
     with pytest.raises(ConfigError, match=r"segments \[8, 4\] do not divide the solver grid"):
         lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=50)
+
+
+def test_student_init_starts_student_and_target_from_another_run(tmp_path, teacher_folder):
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model, save_model
+
+    loaded = load_model(ModelConfig(source=str(teacher_folder)))
+    with torch.no_grad():
+        for p in loaded.denoiser.backbone.parameters():
+            p.add_(0.01)
+    warm = save_model(loaded.denoiser, loaded.scheduler, tmp_path / "warm", loaded.meta)
+    o = build_trainer(lcm_run(tmp_path, teacher_folder, student_init=str(warm))).objective
+    for name, w in loaded.denoiser.backbone.state_dict().items():
+        assert torch.equal(o.student.backbone.state_dict()[name], w)
+        assert torch.equal(o.target.backbone.state_dict()[name], w)
+    teacher = load_model(ModelConfig(source=str(teacher_folder))).denoiser.backbone.state_dict()
+    assert all(torch.equal(o.teacher.backbone.state_dict()[k], v) for k, v in teacher.items())  # teacher untouched
+    with pytest.raises(ConfigError, match="a LoRA student starts from the teacher"):
+        build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, student_init=str(warm)))

@@ -127,6 +127,8 @@ class ConsistencyConfig:
     adv_weight: float = 0.0  # the adversarial term's weight on the student (0: none; SCott's optional term, acd)
     disc_width: int = 64  # the PatchGAN discriminator's first-layer channels
     disc_downsamplings: int = 2  # its strided convolutions (16x16 digits -> 4x4 patches)
+    student_init: str | None = None  # start the student (and target) from another run's weights, e.g. a regression
+    # warm start of the same teacher (default: the teacher's own weights)
 
     def validate(self):
         from ..config import ConfigError
@@ -297,9 +299,21 @@ class ConsistencyObjective(Objective):
             num_classes = None  # the data's labels mean nothing to a backbone without class embeddings
         objective = cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels,
                         run.data.source_resolution)
+        if run.objective.student_init:
+            objective.init_student(run.objective.student_init)
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
             objective.base_folder = loaded.folder
         return objective
+
+    def init_student(self, source: str) -> None:
+        from ..config import ConfigError
+        from .dmd import init_generator
+
+        if self.config.lora_rank:
+            raise ConfigError("objective.student_init loads full weights; a LoRA student starts from the teacher")
+        init_generator(self.student, source, "objective.student_init")
+        if self.target is not None:
+            self.target.load_state_dict(self.student.state_dict())
 
     def phases(self):
         return [Phase("student", ("student",))] + (
@@ -479,8 +493,7 @@ class SCottObjective(ConsistencyObjective):
 @dataclass
 class ACDConfig(ConsistencyConfig):
     """Adversarial consistency distillation's defaults: consistency distillation plus the adversarial term; the
-    paper (SAR-to-optical translation) does not state its weight in the abstract, so 0.1 is ours (tuned on digits
-    super-resolution)."""
+    paper (SAR-to-optical translation) does not state its weight in the abstract, so 0.1 is ours, not tuned."""
 
     adv_weight: float = 0.1
 

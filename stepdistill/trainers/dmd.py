@@ -101,7 +101,7 @@ def _regression_lpips(cfg, channels: int):
         raise ConfigError(f"objective.lpips_weights: {exc}") from None
 
 
-def init_generator(generator: Denoiser, source: str) -> None:
+def init_generator(generator: Denoiser, source: str, key: str = "objective.generator_init") -> None:
     """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``); a routed
     generator (MSD) loads them into every student."""
     from pathlib import Path
@@ -115,7 +115,7 @@ def init_generator(generator: Denoiser, source: str) -> None:
     for member in getattr(generator, "members", [generator]):
         own = member.backbone.state_dict()
         if weights.keys() != own.keys() or any(weights[k].shape != own[k].shape for k in own):
-            raise ConfigError(f"objective.generator_init={source!r} holds a {type(member.backbone).__name__} "
+            raise ConfigError(f"{key}={source!r} holds a {type(member.backbone).__name__} "
                               "whose weights do not match the student built from the teacher; give a run of the "
                               "same teacher (and students of the teacher's size)")
         member.backbone.load_state_dict(weights)
