@@ -64,6 +64,9 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
     logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["model/N"] for l in logs] == [3, 5, 9, 9]  # K' = floor(4 / 3) = 1: N = min(2 * 2^k, 8) + 1
     folder = export_run(trainer.output_dir, tmp_path / "export", ema=False)
+    from stepdistill.cli import main
+
+    assert main(["export", str(trainer.output_dir), "--out", str(tmp_path / "cli_export")]) == 0  # the CLI's summary
     info = json.loads((folder / "stepdistill.json").read_text())["export"]
     assert info["pipeline"] == "ConsistencyModelPipeline" and not info["trust_remote_code"]
     pipe = DiffusionPipeline.from_pretrained(folder)  # plain Diffusers
