@@ -162,6 +162,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             else:
                 out = self.unet(model_in, t, class_labels=labels).sample
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+        return self._output(x, output_type, return_dict)
+
+    def _output(self, x: torch.Tensor, output_type: str, return_dict: bool):
+        """Samples in [-1, 1] -> images in [0, 1] as ``pt``, ``np`` or ``pil``."""
         images = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             output = images

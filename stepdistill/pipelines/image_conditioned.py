@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .class_conditional import ClassConditionalPipeline
@@ -68,13 +67,4 @@ class ImageConditionedPipeline(ClassConditionalPipeline):
             model_in = torch.cat([self.scheduler.scale_model_input(x, t), source], dim=1)
             out = self.unet(model_in, t).sample
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
-        images = (x / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            output = images
-        else:
-            output = images.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                output = self.numpy_to_pil(output)
-        if not return_dict:
-            return (output,)
-        return ImagePipelineOutput(images=output)
+        return self._output(x, output_type, return_dict)
