@@ -140,16 +140,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if scale != 1 and self.config.null_class is None:
             raise ValueError("guidance_scale != 1 needs a null class; this pipeline has none")
         device = self._execution_device
-        size = self.unet.config.sample_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
-        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
-                                                              dtype=self.unet.dtype)
-        x = x * self.scheduler.init_noise_sigma
-        if timesteps is not None:
-            self._set_explicit_timesteps([int(t) for t in timesteps], device)
-        else:
-            self.scheduler.set_timesteps(steps, device=device)
+        x = self._start(batch_size, self.unet.config.in_channels, steps, timesteps, generator, latents)
         if labels is not None:
             labels = labels.to(device)
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -163,6 +154,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 out = self.unet(model_in, t, class_labels=labels).sample
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         return self._output(x, output_type, return_dict)
+
+    def _size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    def _start(self, batch_size: int, channels: int, steps: int, timesteps, generator, latents) -> torch.Tensor:
+        """Set the scheduler's timesteps (``timesteps``, else ``steps``) and return the initial noise."""
+        device = self._execution_device
+        shape = (batch_size, channels, *self._size())
+        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
+                                                              dtype=self.unet.dtype)
+        if timesteps is not None:
+            self._set_explicit_timesteps([int(t) for t in timesteps], device)
+        else:
+            self.scheduler.set_timesteps(steps, device=device)
+        return x * self.scheduler.init_noise_sigma
 
     def _output(self, x: torch.Tensor, output_type: str, return_dict: bool):
         """Samples in [-1, 1] -> images in [0, 1] as ``pt``, ``np`` or ``pil``."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
 from .class_conditional import ClassConditionalPipeline
 
@@ -51,18 +50,8 @@ class ImageConditionedPipeline(ClassConditionalPipeline):
         if image is None:
             raise ValueError("pass image= (the source images this model is conditioned on)")
         steps = num_inference_steps or self.config.num_inference_steps
-        device = self._execution_device
-        size = self.unet.config.sample_size
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        source = self._sources(image, size, device, self.unet.dtype)
-        shape = (source.shape[0], self.unet.config.out_channels, *size)
-        x = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
-                                                              dtype=self.unet.dtype)
-        x = x * self.scheduler.init_noise_sigma
-        if timesteps is not None:
-            self._set_explicit_timesteps([int(t) for t in timesteps], device)
-        else:
-            self.scheduler.set_timesteps(steps, device=device)
+        source = self._sources(image, self._size(), self._execution_device, self.unet.dtype)
+        x = self._start(source.shape[0], self.unet.config.out_channels, steps, timesteps, generator, latents)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = torch.cat([self.scheduler.scale_model_input(x, t), source], dim=1)
             out = self.unet(model_in, t).sample

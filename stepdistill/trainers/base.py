@@ -83,3 +83,26 @@ class Objective(torch.nn.Module):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+
+def source_channels(model_in_channels: int, image_channels: int, data, sample_every: int) -> int:
+    """The channels of the source image an image-conditioned model takes beside the sample (``model_in_channels -
+    image_channels``; 0 for an ordinary model), checked against the data: a ConfigError when the model needs
+    source images and the data has none (or of another size), or when the run asks for sample grids, which would
+    need sources."""
+    from ..config import ConfigError
+
+    n = model_in_channels - image_channels
+    has_source = data is not None and len(data) > 0 and "source_image" in data[0]
+    if n > 0 and not has_source:
+        raise ConfigError(f"the model is image-conditioned (it takes {model_in_channels} input channels: "
+                          f"{image_channels} of the image and {n} of a source image) and the data has no source "
+                          "images: set data.source_resolution (super-resolution sources)")
+    if n < 0 or (has_source and n != data[0]["source_image"].shape[0]):
+        given = f" and {data[0]['source_image'].shape[0]}-channel source images" if has_source else ""
+        raise ConfigError(f"the model takes {model_in_channels} input channels, but the data has {image_channels}-"
+                          f"channel images{given}: set the model's in_channels to the sum")
+    if n and sample_every:
+        raise ConfigError("an image-conditioned model samples from source images: set train.sample_every=0 and "
+                          "evaluate the export (stepdistill eval)")
+    return n

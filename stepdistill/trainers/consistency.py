@@ -14,7 +14,7 @@ With ``guidance_range`` the scale is drawn per sample and given to the student t
 UNet2DConditionModel without one gets it added (LCM: 256 dimensions, zero-initialised projection). Without a range the
 teacher's guidance is fixed and baked into the student.
 
-Adversarial term (``adv_weight`` > 0; SCott's optional one, and adversarial consistency distillation in ``acd.py``):
+Adversarial term (``adv_weight`` > 0; SCott's optional one, and adversarial consistency distillation, ``acd``):
 a conditional PatchGAN discriminator (a second phase) tells the student's outputs from real images, with the
 source image concatenated for image-conditioned teachers; the student adds ``adv_weight * softplus(-D(f))``.
 """
@@ -31,7 +31,7 @@ from ..denoiser import Denoiser
 from ..models import load_model
 from ..solvers import ddim_from_x0, solver_step
 from . import register
-from .base import Objective, Phase
+from .base import Objective, Phase, source_channels
 from .dmd import gan_discriminator_loss, gan_generator_loss
 
 
@@ -282,18 +282,7 @@ class ConsistencyObjective(Objective):
             raise ConfigError("consistency distillation noises data samples: set data.dataset to digits, folder, or "
                               "prompts from a .jsonl naming an image per prompt")
         channels = data[0]["image"].shape[0]
-        source_channels = in_channels(loaded.denoiser.backbone) - channels
-        if source_channels > 0 and "source_image" not in data[0]:
-            raise ConfigError(f"the teacher is image-conditioned (it takes {in_channels(loaded.denoiser.backbone)} "
-                              f"input channels, the data's images have {channels}) and the data has no source "
-                              "images: set data.source_resolution (super-resolution sources)")
-        if source_channels < 0 or ("source_image" in data[0] and data[0]["source_image"].shape[0] != source_channels):
-            raise ConfigError(f"the teacher takes {in_channels(loaded.denoiser.backbone)} input channels, but the data "
-                              f"has {channels}-channel images" + (f" and {data[0]['source_image'].shape[0]}-channel "
-                                                                  "source images" if "source_image" in data[0] else ""))
-        if source_channels and run.train.sample_every:
-            raise ConfigError("an image-conditioned student samples from source images: set train.sample_every=0 "
-                              "and evaluate the export (stepdistill eval)")
+        source_channels(in_channels(loaded.denoiser.backbone), channels, data, run.train.sample_every)
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
         if not unwrap(loaded.denoiser.backbone).config.get("num_class_embeds"):
             num_classes = None  # the data's labels mean nothing to a backbone without class embeddings

@@ -12,7 +12,7 @@ from ..models import LoadedModel, check_resolution, load_model, save_model
 from ..schedule import NoiseSchedule
 from ..solvers import sample as solve, scheduler_timesteps
 from . import register
-from .base import Objective, Phase
+from .base import Objective, Phase, source_channels
 
 
 def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
@@ -78,22 +78,11 @@ class DenoisingObjective(Objective):
     @classmethod
     def from_config(cls, run, data=None) -> "DenoisingObjective":
         from ..backbones import in_channels, unwrap
-        from ..config import ConfigError
 
         loaded = load_model(run.model)
         check_resolution(loaded.denoiser.backbone, run.data.resolution)
         backbone = unwrap(loaded.denoiser.backbone)
-        source_channels = in_channels(backbone) - run.data.channels
-        has_source = data is not None and len(data) > 0 and "source_image" in data[0]
-        if source_channels > 0 and not has_source:
-            raise ConfigError(f"the model takes {in_channels(backbone)} input channels: {run.data.channels} of the "
-                              f"image and {source_channels} of a source image it is conditioned on, and the data has "
-                              "no source images: set data.source_resolution (super-resolution sources)")
-        if has_source and source_channels != data[0]["source_image"].shape[0]:
-            raise ConfigError(f"the data carries source images, but the model takes {in_channels(backbone)} input "
-                              f"channels: set in_channels = {run.data.channels} + {data[0]['source_image'].shape[0]}")
-        if has_source and run.train.sample_every:
-            raise ConfigError("an image-conditioned model samples from source images: set train.sample_every=0")
+        has_source = source_channels(in_channels(backbone), run.data.channels, data, run.train.sample_every) > 0
         # the data's classes are used only by a class-conditional backbone
         num_classes = getattr(data, "num_classes", None) if backbone.config.get("num_class_embeds") else None
         objective = cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)

@@ -75,13 +75,13 @@ class TSCDObjective(ConsistencyObjective):
     Config = TSCDConfig
 
     def __init__(self, config: TSCDConfig, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
         from ..config import ConfigError
         from ..pipelines import get_recipe
 
         if config.adv_weight:
             raise ConfigError("tscd's outputs are points on segment boundaries, not images: the adversarial term "
                               "(objective.adv_weight) is for lcm, scott and acd")
+        super().__init__(config, *args, **kwargs)
         if self.schedule.kind != "vp":
             raise ConfigError("tscd segments a VP teacher's trajectory at trailing DDIM timesteps; flow teachers are "
                               "not supported")
