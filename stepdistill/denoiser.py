@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import Literal
 
 import torch
 
@@ -94,16 +95,18 @@ class Denoiser(torch.nn.Module):
     def family(self) -> str:
         return backbones.family(self.backbone)
 
-    def clone(self, trainable: bool = True, share_weights: bool = False) -> "Denoiser":
+    def clone(self, trainable: bool = True, share_weights: bool | Literal["base"] = False) -> "Denoiser":
         """A deep copy (e.g. a student or fake score initialised from the teacher).
 
         ``trainable``: every weight, or only the adapters of a LoRA denoiser. ``share_weights``: the copy's
         modules hold this denoiser's own parameter and buffer tensors (no memory), e.g. as the frozen base of a
-        LoRA network (``clone(False, share_weights=True).with_lora(r)``: LoRA on the shared teacher weights).
+        LoRA network (``clone(False, share_weights=True).with_lora(r)``: LoRA on the shared teacher weights);
+        ``"base"``: all but the LoRA adapters, which are copied (an EMA target of a LoRA network).
         The copy is in eval mode: distillation never wants a backbone's own training-time behaviour (DiT drops
         class labels in train mode).
         """
-        memo = {id(t): t for t in (*self.parameters(), *self.buffers())} if share_weights else {}
+        tensors = [*self.named_parameters(), *self.named_buffers()] if share_weights else []
+        memo = {id(t): t for name, t in tensors if share_weights is True or "lora_" not in name}
         other = copy.deepcopy(self, memo)
         lora = other.lora_layers()
         for name, p in other.named_parameters():

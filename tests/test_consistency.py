@@ -113,6 +113,37 @@ def test_lcm_lora_trains_adapters_on_the_shared_teacher_without_a_target(tmp_pat
         build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora", lora_rank=0))
 
 
+def test_lcm_lora_target_ema_is_an_ema_of_the_adapters_on_the_shared_base(tmp_path, teacher_folder):
+    def run(folder, max_steps):
+        r = lcm_run(tmp_path / folder, teacher_folder, method="lcm_lora", lora_rank=4, target_ema=0.9,
+                    max_steps=max_steps)
+        r.train.checkpoint_every = 1
+        return r
+
+    o = build_trainer(run("unit", 2)).objective
+    base = {n: p.data_ptr() for n, p in o.student.named_parameters() if "lora_" not in n}
+    assert {n: p.data_ptr() for n, p in o.target.named_parameters() if "lora_" not in n} == base
+    adapters = {n: p for n, p in o.student.named_parameters() if "lora_" in n}
+    target = dict(o.target.named_parameters())
+    with torch.no_grad():
+        for p in adapters.values():
+            p.add_(torch.randn_like(p))
+    prev = {n: target[n].detach().clone() for n in adapters}
+    o.after_step("discriminator", 0)  # only the student's step moves the target
+    o.after_step("student", 0)
+    for n, p in adapters.items():
+        torch.testing.assert_close(target[n], 0.9 * prev[n] + 0.1 * p.detach())
+    # 1 step + resume 1 step == 2 straight steps, the adapters' target included
+    straight = build_trainer(run("a", 2))
+    straight.train(resume=None)
+    build_trainer(run("b", 1)).train(resume=None)
+    resumed = build_trainer(run("b", 2))
+    resumed.train(resume="latest")
+    ours = dict(straight.objective.target.named_parameters())
+    for n, p in resumed.objective.target.named_parameters():
+        assert torch.equal(p, ours[n]), n
+
+
 def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher_folder):
     from stepdistill.pipelines import ClassConditionalPipeline, export_run
 

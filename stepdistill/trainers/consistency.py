@@ -74,9 +74,11 @@ def sg(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
-    """``theta_target <- decay * theta_target + (1 - decay) * theta_online`` for every parameter (LCM: 0.95)."""
+    """``theta_target <- decay * theta_target + (1 - decay) * theta_online`` for every parameter (LCM: 0.95); a
+    tensor the two networks share (the frozen base under LoRA adapters) is left as it is."""
     for t_param, o_param in zip(target.parameters(), online.parameters()):
-        t_param.lerp_(o_param.detach().to(t_param.dtype), 1.0 - decay)
+        if t_param is not o_param:
+            t_param.lerp_(o_param.detach().to(t_param.dtype), 1.0 - decay)
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -120,7 +122,7 @@ class ConsistencyConfig:
     guidance_embedding_dim: int = 256  # added to a UNet2DConditionModel student without time_cond_proj_dim
     loss: Literal["l2", "huber"] = "huber"
     huber_c: float = 0.001
-    target_ema: float = 0.95  # the target network's EMA decay (LCM); ignored by lcm_lora (no target network)
+    target_ema: float = 0.95  # the target network's EMA decay (LCM); lcm_lora: 0 = no target network (the paper)
     timestep_scaling: float = 10.0
     student_steps: int = 4  # the exported LCMScheduler's steps (the student also samples at 1, 2, ...)
     lora_rank: int = 0  # lcm_lora: LoRA rank on the frozen teacher (LCM-LoRA: 64)
@@ -384,7 +386,7 @@ class ConsistencyObjective(Objective):
         return x
 
     def after_step(self, phase, step):
-        if self.target is not None:
+        if phase == "student" and self.target is not None:
             from ..backbones import unwrap
 
             ema_update(self.target, unwrap(self.student), self.config.target_ema)
@@ -438,17 +440,18 @@ class ConsistencyObjective(Objective):
 @dataclass
 class LCMLoRAConfig(ConsistencyConfig):
     lora_rank: int = 64  # LCM-LoRA's rank (alpha = rank)
+    target_ema: float = 0.0  # LCM-LoRA has no target network; > 0: an EMA copy of the adapters (the base is shared)
     embed_guidance: bool = False  # no guidance embedding: the drawn scale is the teacher's alone
 
 
 @register
 class LCMLoRAObjective(ConsistencyObjective):
     """LCM-LoRA: the student is LoRA on the frozen teacher (which is the same weights with the adapters off);
-    no target network — the target is the student itself under no grad (Diffusers' LCM-LoRA scripts)."""
+    no target network — the target is the student itself under no grad (Diffusers' LCM-LoRA scripts) — unless
+    ``target_ema`` > 0 asks for an EMA target of the adapters, as full LCM has."""
 
     name = "lcm_lora"
     Config = LCMLoRAConfig
-    state_modules = ()
 
     def __init__(self, config: ConsistencyConfig, *args, **kwargs):
         from ..config import ConfigError
@@ -456,9 +459,12 @@ class LCMLoRAObjective(ConsistencyObjective):
         if not config.lora_rank:
             raise ConfigError("method lcm_lora needs objective.lora_rank (LCM-LoRA: 64)")
         super().__init__(config, *args, **kwargs)
+        self.state_modules = ("target",) if self.target is not None else ()
 
     def _make_target(self):
-        return None
+        if not self.config.target_ema:
+            return None
+        return self.student.clone(trainable=False, share_weights="base").freeze()
 
 
 @dataclass
