@@ -32,17 +32,40 @@ def rows(warm: str) -> list[dict]:
     return [
         {"name": "lcm", "config": "configs/lcm_digits.yaml", "args": ["train.max_steps=600"],
          "note": "LCM from the teacher's weights: DDIM solver, skip 20, pseudo-Huber, EMA target 0.95, lr 1e-4"},
+        {"name": "lcm_skip100", "config": "configs/lcm_digits.yaml",
+         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
+                  "train.checkpoint_every=300"],
+         "note": "LCM on a 10-point grid (skip 100), the teacher's DDIM in 5 sub-steps per skip; 1200 steps "
+                 "(= configs/lcm_digits_1step.yaml, which exports 1 step by default)"},
         {"name": "lcm_from_warm_start", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=300", f"objective.student_init={warm}", "optim.student.lr=2e-5"],
          "note": "LCM from the quickstart's regression student (1-step FID 0.177), lr 2e-5"},
-        {"name": "lcm_lora", "config": "configs/lcm_lora_digits.yaml", "args": ["train.max_steps=300"],
-         "note": "LCM-LoRA, rank 64 on the frozen teacher, no target network, lr 1e-3; 300 steps"},
+        {"name": "lcm_lora", "config": "configs/lcm_lora_digits.yaml",
+         "args": ["train.max_steps=300", "optim.student.lr=1e-3", "objective.target_ema=0"],
+         "note": "LCM-LoRA as published: rank 64 on the frozen teacher, no target network, lr 1e-3; 300 steps"},
         {"name": "lcm_lora_lr1e-4", "config": "configs/lcm_lora_digits.yaml",
-         "args": ["train.max_steps=300", "optim.student.lr=1e-4"], "note": "LCM-LoRA as above at lr 1e-4"},
+         "args": ["train.max_steps=300", "optim.student.lr=1e-4", "objective.target_ema=0"],
+         "note": "LCM-LoRA as published at lr 1e-4"},
+        {"name": "lcm_lora_target_ema", "config": "configs/lcm_lora_digits.yaml",
+         "args": ["train.max_steps=300", "optim.student.lr=1e-4", "objective.target_ema=0.95"],
+         "note": "the digits recipe: LCM-LoRA at lr 1e-4 with an EMA target of the adapters (0.95), as full LCM has"},
+        {"name": "lcm_lora_recipe", "config": "configs/lcm_lora_digits.yaml", "args": [],
+         "note": "the digits recipe as shipped: 600 steps"},
+        {"name": "lcm_lora_skip100", "config": "configs/lcm_lora_digits.yaml",
+         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
+                  "train.checkpoint_every=300"],
+         "note": "the digits LCM-LoRA recipe on lcm_skip100's 10-point grid (5 teacher sub-steps per skip)"},
         {"name": "scott", "config": "configs/scott_digits.yaml", "args": ["train.max_steps=200"],
          "note": "SCott: stochastic DDIM teacher (eta 0.5, 2 sub-steps), otherwise as lcm; 200 steps"},
+        {"name": "scott_skip100", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
+                  "train.checkpoint_every=300"],
+         "note": "SCott on lcm_skip100's 10-point grid: stochastic DDIM (eta 0.5) in 5 sub-steps per skip; 1200 steps"},
         {"name": "tscd", "config": "configs/tscd_digits.yaml", "args": ["train.max_steps=400"],
          "note": "Hyper-SD TSCD: segments 8/4/2/1 (100 steps each), 40-step grid, DDIM-trailing export"},
+        {"name": "tscd_1600", "config": "configs/tscd_digits.yaml",
+         "args": ["train.max_steps=1600", "train.checkpoint_every=400", "train.keep_checkpoints=4"],
+         "note": "the tscd_digits recipe: 400 steps per stage", "stages": {4: 800, 2: 1200}},
         {"name": "ict", "config": "configs/ict_digits.yaml",
          "args": ["train.max_steps=600", "train.batch_size=64", "train.checkpoint_every=300"],
          "note": "iCT from scratch (no teacher): Karras grid, curriculum 10 -> 1280, lognormal indices"},
@@ -74,6 +97,26 @@ def entry(row: dict, run_dir: Path, results: list[dict]) -> dict:
             "wall_seconds": summary["wall_seconds"], "seconds_per_step": summary["seconds_per_step"],
             "peak_cpu_rss_mb": summary["peak_cpu_rss_mb"], "trainable_parameters": summary["trainable_parameters"],
             "config": str(run_dir / "config.yaml"), "results": results}
+
+
+def stage_entries(row: dict, run_dir: Path, n: int, log: Path) -> list[dict]:
+    """Hyper-SD ships one model per step count: TSCD's checkpoint at the end of the stage with k segments is the
+    k-step model, exported with ``--checkpoint`` (its card then gives k steps) and scored like the rest. Its wall
+    time is the run's s/step times the stage's last step."""
+    entries = []
+    for k, step in row.get("stages", {}).items():
+        stage_dir = run_dir / f"stage_k{k}"
+        out = stage_dir / "eval" / "results.json"
+        if not out.is_file():
+            checkpoint = run_dir / "checkpoints" / f"step_{step:07d}"
+            sh(["stepdistill", "export", str(run_dir), "--checkpoint", str(checkpoint), "--out",
+                str(stage_dir / "pipeline"), "--overwrite"], log)
+            sh(["stepdistill", "eval", str(stage_dir / "pipeline"), "--nfe", ",".join(map(str, NFE)), "--n", str(n),
+                "--out", str(out), "--no-progress"], log)
+        base = entry(row, run_dir, json.loads(out.read_text())["models"][0]["results"])
+        entries.append({**base, "name": f"{row['name']} k={k} stage (step {step})", "steps": step,
+                        "wall_seconds": base["seconds_per_step"] * step})
+    return entries
 
 
 def super_resolution(out: Path, log: Path, wanted) -> dict | None:
@@ -156,6 +199,7 @@ def main():
         train(row, out, log)
         print(f"[{row['name']}] evaluating", flush=True)
         results.append(entry(row, run_dir, evaluate(run_dir, NFE, args.n, log)["models"][0]["results"]))
+        results += stage_entries(row, run_dir, args.n, log)
     teacher = json.loads(quickstart.TEACHER_RESULTS.read_text())
     dm = Path("benchmarks/results/distribution_matching/results.json")
     dmd2 = [r for r in json.loads(dm.read_text())["rows"] if r["name"] == "dmd2_no_gan"] if dm.is_file() else []

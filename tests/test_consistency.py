@@ -255,6 +255,7 @@ def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_
     from stepdistill.pipelines import ClassConditionalPipeline, export_run
 
     run = lcm_run(tmp_path, teacher_folder, method="tscd", max_steps=4, num_ddim_timesteps=40)
+    run.train.checkpoint_every, run.train.keep_checkpoints = 1, 4
     trainer = build_trainer(run)
     assert trainer.objective.stage_starts == [0, 1, 2, 3]
     trainer.train(resume=None)
@@ -263,7 +264,16 @@ def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_
     folder = export_run(trainer.output_dir, tmp_path / "export")
     pipe = ClassConditionalPipeline.from_pretrained(folder)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
-    assert trainer.objective.sample_timesteps() == [999, 749, 499, 249]
+    assert trainer.objective.sample_timesteps() == [999, 749, 499, 249]  # k = 1: student_steps
+    # each stage's last checkpoint is that stage's model (Hyper-SD's per-step-count models): k steps, trailing
+    for step, timesteps in [(2, [999, 749, 499, 249]), (3, [999, 499])]:
+        stage = export_run(trainer.output_dir, tmp_path / f"stage{step}",
+                           checkpoint=trainer.output_dir / "checkpoints" / f"step_{step:07d}")
+        recipe = json.loads((stage / "stepdistill.json").read_text())["export"]["recipe"]
+        assert recipe["num_inference_steps"] == len(timesteps)
+        pipe = ClassConditionalPipeline.from_pretrained(stage)
+        pipe.scheduler.set_timesteps(len(timesteps))
+        assert pipe.scheduler.timesteps.tolist() == timesteps
     with pytest.raises(ConfigError, match=r"segments \[8, 4\] do not divide the solver grid"):
         lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=50)
 

@@ -61,6 +61,10 @@ class Objective(torch.nn.Module):
     def after_step(self, phase: str, step: int) -> None:
         """Called after the optimizer step of ``phase`` (e.g. an EMA target network update)."""
 
+    def set_step(self, steps_done: int) -> None:
+        """The loop says how many training steps are done: after each step and on resume (so also before export,
+        which loads a checkpoint), e.g. for a staged method whose sampling depends on the stage."""
+
     @torch.no_grad()
     def sample(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] from the model being trained, for sample grids and evaluation."""

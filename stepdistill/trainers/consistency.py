@@ -417,7 +417,7 @@ class ConsistencyObjective(Objective):
         from ..pipelines.sampling import student_timesteps
 
         scheduler = self.recipe.make_scheduler(self.teacher_scheduler, self.student.prediction_type)
-        return student_timesteps(scheduler, self.config.student_steps)
+        return student_timesteps(scheduler, self.recipe.num_inference_steps)
 
     def save_pretrained(self, directory):
         from ..models import save_model

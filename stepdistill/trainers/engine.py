@@ -187,6 +187,7 @@ class DistillTrainer:
                                                 if step % self.config.optim[p.name].every == 0):
                     self.ema.step([p for p in self.raw[self.objective.ema_module].parameters() if p.requires_grad])
                 self.step = step + 1
+                self.objective.set_step(self.step)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - tick
                     logs["images_per_s"] = images / max(elapsed, 1e-9)
@@ -356,6 +357,7 @@ class DistillTrainer:
         if self.batches is not None and meta["data"] is not None:
             self.batches.load_state_dict(meta["data"])
         self.step = int(meta["step"])
+        self.objective.set_step(self.step)
         acc.print(f"resumed from {path} at step {self.step}")
         return True
 

@@ -40,8 +40,9 @@ def stage_of(step: int, stage_starts: list[int]) -> int:
 class TSCDConfig(ConsistencyConfig):
     """Consistency distillation to segment boundaries, ``segments`` k = 8 -> 4 -> 2 -> 1 in stages starting at
     ``stage_starts`` (default: train.max_steps split evenly). The solver grid (``num_ddim_timesteps``) must split
-    evenly into every segment count: 40 steps by default. Exported with DDIM at trailing timesteps: the last
-    stage's k steps, or ``student_steps`` when the last stage is k = 1."""
+    evenly into every segment count: 40 steps by default. Exported with DDIM at trailing timesteps, in the k steps
+    of the stage the exported checkpoint ends (``student_steps`` for k = 1): as Hyper-SD ships one model per step
+    count, a checkpoint at the end of the k = 4 stage is the 4-step model."""
 
     num_ddim_timesteps: int = 40
     segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
@@ -76,7 +77,6 @@ class TSCDObjective(ConsistencyObjective):
 
     def __init__(self, config: TSCDConfig, *args, **kwargs):
         from ..config import ConfigError
-        from ..pipelines import get_recipe
 
         if config.adv_weight:
             raise ConfigError("tscd's outputs are points on segment boundaries, not images: the adversarial term "
@@ -87,9 +87,18 @@ class TSCDObjective(ConsistencyObjective):
                               "not supported")
 
         self.stage_starts = config.stage_starts or [0] * len(config.segments)
-        last = config.segments[-1]
-        self.recipe = get_recipe("ddim_trailing", last if last > 1 else config.student_steps,
-                                 self.recipe.guidance_scale)
+        self.recipe_guidance = self.recipe.guidance_scale
+        self.recipe = self.stage_recipe(config.segments[-1])
+
+    def stage_recipe(self, segments: int):
+        """DDIM at trailing timesteps, one step per segment (``student_steps`` once there is one segment)."""
+        from ..pipelines import get_recipe
+
+        return get_recipe("ddim_trailing", segments if segments > 1 else self.config.student_steps,
+                          self.recipe_guidance)
+
+    def set_step(self, steps_done):
+        self.recipe = self.stage_recipe(self.segments_at(max(steps_done - 1, 0)))
 
     @classmethod
     def from_config(cls, run, data=None) -> "TSCDObjective":
