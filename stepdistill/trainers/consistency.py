@@ -112,8 +112,9 @@ class PatchDiscriminator(torch.nn.Module):
 class ConsistencyConfig:
     num_ddim_timesteps: int = 50  # N: the solver grid (skip k = T / N); also the exported LCMScheduler's grid
     solver: Literal["ddim", "euler", "heun"] = "ddim"  # the teacher's step from t_{n+k} to t_n
-    # SCott: a stochastic teacher solver — DDIM with noise strength eta (0: the ODE; 1: ancestral DDPM) in
-    # solver_substeps equal sub-steps from t_{n+k} to t_n, each with fresh noise
+    # the teacher's step in solver_substeps equal sub-steps from t_{n+k} to t_n (a coarse grid with a fine teacher);
+    # SCott: a stochastic teacher solver — DDIM with noise strength eta (0: the ODE; 1: ancestral DDPM), fresh
+    # noise in each sub-step
     solver_eta: float = 0.0
     solver_substeps: int = 1
     guidance_scale: float = 1.0  # teacher CFG (standard form) when guidance_range is not set
