@@ -24,6 +24,7 @@ from distribution_matching import evaluate, markdown, sh, warm_start
 from stepdistill import quickstart
 
 NFE = [1, 2, 4]
+COARSE_GRID = ["objective.num_ddim_timesteps=10", "objective.solver_substeps=5"]  # configs/lcm_digits_1step.yaml
 COMMON = ["train.sample_every=0", "train.progress=false", "train.threads=1"]  # two runs share the 2 cores
 SR_TEACHER = "runs/teacher_digits_sr"
 
@@ -36,8 +37,7 @@ def rows(warm: str) -> list[dict]:
          "args": ["train.max_steps=1600", "train.checkpoint_every=500"],
          "note": "lcm for 1600 steps (resumed from lcm's step 600: wall time of the last 1000 steps)"},
         {"name": "lcm_skip100", "config": "configs/lcm_digits.yaml",
-         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
-                  "train.checkpoint_every=300"],
+         "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
          "note": "LCM on a 10-point grid (skip 100), the teacher's DDIM in 5 sub-steps per skip; 1200 steps "
                  "(= configs/lcm_digits_1step.yaml, which exports 1 step by default)"},
         {"name": "lcm_from_warm_start", "config": "configs/lcm_digits.yaml",
@@ -55,18 +55,15 @@ def rows(warm: str) -> list[dict]:
         {"name": "lcm_lora_recipe", "config": "configs/lcm_lora_digits.yaml", "args": [],
          "note": "the digits recipe as shipped: 600 steps"},
         {"name": "lcm_lora_skip100", "config": "configs/lcm_lora_digits.yaml",
-         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
-                  "train.checkpoint_every=300"],
+         "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
          "note": "the digits LCM-LoRA recipe on lcm_skip100's 10-point grid (5 teacher sub-steps per skip)"},
         {"name": "lcm_lora_skip100_2000", "config": "configs/lcm_lora_digits.yaml",
-         "args": ["train.max_steps=2000", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
-                  "train.checkpoint_every=400"],
+         "args": ["train.max_steps=2000", *COARSE_GRID, "train.checkpoint_every=400"],
          "note": "lcm_lora_skip100 for 2000 steps (resumed from its step 1200: wall time of the last 800 steps)"},
         {"name": "scott", "config": "configs/scott_digits.yaml", "args": ["train.max_steps=200"],
          "note": "SCott: stochastic DDIM teacher (eta 0.5, 2 sub-steps), otherwise as lcm; 200 steps"},
         {"name": "scott_skip100", "config": "configs/scott_digits.yaml",
-         "args": ["train.max_steps=1200", "objective.num_ddim_timesteps=10", "objective.solver_substeps=5",
-                  "train.checkpoint_every=300"],
+         "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
          "note": "SCott on lcm_skip100's 10-point grid: stochastic DDIM (eta 0.5) in 5 sub-steps per skip; 1200 steps"},
         {"name": "tscd", "config": "configs/tscd_digits.yaml", "args": ["train.max_steps=400"],
          "note": "Hyper-SD TSCD: segments 8/4/2/1 (100 steps each), 40-step grid, DDIM-trailing export"},
