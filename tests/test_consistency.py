@@ -295,3 +295,22 @@ def test_student_init_starts_student_and_target_from_another_run(tmp_path, teach
     assert all(torch.equal(o.teacher.backbone.state_dict()[k], v) for k, v in teacher.items())  # teacher untouched
     with pytest.raises(ConfigError, match="a LoRA student starts from the teacher"):
         build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, student_init=str(warm)))
+
+
+@pytest.mark.parametrize("recipe", ["lcm_digits", "lcm_digits_1step", "lcm_lora_digits", "scott_digits",
+                                    "tscd_digits", "ict_digits"])
+def test_digits_recipes_train_on_the_shipped_teacher(tmp_path, recipe):
+    import json
+    import math
+    from pathlib import Path
+
+    from stepdistill.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
+    trainer = build_trainer(load_config(path, [
+        "train.max_steps=1", "train.batch_size=4", "train.sample_every=0", "train.checkpoint_every=0",
+        "train.progress=false", "train.log_every=1", f"output_dir={tmp_path}"]))
+    trainer.train(resume=None)
+    logs = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    losses = {k: v for k, v in logs.items() if k.split("/")[-1] in ("consistency", "ict", "adv", "disc")}
+    assert losses and all(math.isfinite(v) for v in losses.values())
