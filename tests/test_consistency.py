@@ -297,8 +297,8 @@ def test_student_init_starts_student_and_target_from_another_run(tmp_path, teach
         build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, student_init=str(warm)))
 
 
-@pytest.mark.parametrize("recipe", ["lcm_digits", "lcm_digits_1step", "lcm_lora_digits", "scott_digits",
-                                    "tscd_digits", "ict_digits"])
+@pytest.mark.parametrize("recipe", ["lcm_digits", "lcm_digits_1step", "lcm_lora_digits", "lcm_lora_digits_1step",
+                                    "scott_digits", "tscd_digits", "ict_digits"])
 def test_digits_recipes_train_on_the_shipped_teacher(tmp_path, recipe):
     import json
     import math
