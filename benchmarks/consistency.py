@@ -26,6 +26,7 @@ from stepdistill import quickstart
 NFE = [1, 2, 4]
 COARSE_GRID = ["objective.num_ddim_timesteps=10", "objective.solver_substeps=5"]  # configs/lcm_digits_1step.yaml
 COMMON = ["train.sample_every=0", "train.progress=false", "train.threads=1"]  # two runs share the 2 cores
+SCOTT_ETA05 = ["objective.solver_eta=0.5", "objective.adv_weight=0"]  # scott_digits.yaml before it took eta 0.2 + adv
 SR_TEACHER = "runs/teacher_digits_sr"
 
 
@@ -33,13 +34,20 @@ def rows(warm: str) -> list[dict]:
     return [
         {"name": "lcm", "config": "configs/lcm_digits.yaml", "args": ["train.max_steps=600"],
          "note": "LCM from the teacher's weights: DDIM solver, skip 20, pseudo-Huber, EMA target 0.95, lr 1e-4"},
+        {"name": "lcm_adv", "config": "configs/lcm_digits.yaml",
+         "args": ["train.max_steps=600", "objective.adv_weight=0.1"],
+         "note": "lcm with the adversarial term (PatchGAN on the student's outputs against real digits, weight 0.1)"},
         {"name": "lcm_1600", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=1600", "train.checkpoint_every=500"],
          "note": "lcm for 1600 steps (resumed from lcm's step 600: wall time of the last 1000 steps)"},
         {"name": "lcm_skip100", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
          "note": "LCM on a 10-point grid (skip 100), the teacher's DDIM in 5 sub-steps per skip; 1200 steps "
-                 "(= configs/lcm_digits_1step.yaml, which exports 1 step by default)"},
+                 "(= configs/lcm_digits_1step.yaml with objective.adv_weight=0)"},
+        {"name": "lcm_skip100_adv", "config": "configs/lcm_digits.yaml",
+         "args": ["train.max_steps=1200", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=300"],
+         "note": "lcm_skip100 with the adversarial term (PatchGAN on the student's outputs against real digits, "
+                 "weight 0.1) = configs/lcm_digits_1step.yaml"},
         {"name": "lcm_from_warm_start", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=300", f"objective.student_init={warm}", "optim.student.lr=2e-5"],
          "note": "LCM from the quickstart's regression student (1-step FID 0.177), lr 2e-5"},
@@ -60,11 +68,30 @@ def rows(warm: str) -> list[dict]:
         {"name": "lcm_lora_skip100_2000", "config": "configs/lcm_lora_digits.yaml",
          "args": ["train.max_steps=2000", *COARSE_GRID, "train.checkpoint_every=400"],
          "note": "lcm_lora_skip100 for 2000 steps (resumed from its step 1200: wall time of the last 800 steps)"},
-        {"name": "scott", "config": "configs/scott_digits.yaml", "args": ["train.max_steps=200"],
+        {"name": "lcm_lora_skip100_3000", "config": "configs/lcm_lora_digits.yaml",
+         "args": ["train.max_steps=3000", *COARSE_GRID, "train.checkpoint_every=500"],
+         "note": "lcm_lora_skip100 for 3000 steps (resumed from lcm_lora_skip100_2000's step 2000: wall time of the "
+                 "last 1000 steps)"},
+        {"name": "scott", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=200", "objective.num_ddim_timesteps=50", "objective.solver_substeps=2",
+                  *SCOTT_ETA05],
          "note": "SCott: stochastic DDIM teacher (eta 0.5, 2 sub-steps), otherwise as lcm; 200 steps"},
         {"name": "scott_skip100", "config": "configs/scott_digits.yaml",
-         "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
+         "args": ["train.max_steps=1200", *COARSE_GRID, *SCOTT_ETA05, "train.checkpoint_every=300"],
          "note": "SCott on lcm_skip100's 10-point grid: stochastic DDIM (eta 0.5) in 5 sub-steps per skip; 1200 steps"},
+        {"name": "scott_skip100_eta0.2", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=1200", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0",
+                  "train.checkpoint_every=300"],
+         "note": "scott_skip100 with a weaker noise strength, eta 0.2"},
+        {"name": "scott_skip100_eta0.2_adv", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=1200", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0.1",
+                  "train.checkpoint_every=300"],
+         "note": "scott_skip100_eta0.2 with SCott's adversarial term (PatchGAN on the student's outputs, weight 0.1)"},
+        {"name": "scott_skip100_eta0.2_adv_2000", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=2000", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0.1",
+                  "train.checkpoint_every=400"],
+         "note": "scott_skip100_eta0.2_adv for 2000 steps (resumed from its step 1200: wall time of the last 800 "
+                 "steps)"},
         {"name": "tscd", "config": "configs/tscd_digits.yaml", "args": ["train.max_steps=400"],
          "note": "Hyper-SD TSCD: segments 8/4/2/1 (100 steps each), 40-step grid, DDIM-trailing export"},
         {"name": "tscd_1600", "config": "configs/tscd_digits.yaml",
@@ -73,6 +100,9 @@ def rows(warm: str) -> list[dict]:
         {"name": "ict", "config": "configs/ict_digits.yaml",
          "args": ["train.max_steps=600", "train.batch_size=64", "train.checkpoint_every=300"],
          "note": "iCT from scratch (no teacher): Karras grid, curriculum 10 -> 1280, lognormal indices"},
+        {"name": "ict_5000", "config": "configs/ict_digits.yaml",
+         "args": ["train.max_steps=5000", "train.batch_size=64", "train.checkpoint_every=1000"],
+         "note": "iCT for 5000 steps (the curriculum spread over them)"},
     ]
 
 
