@@ -27,6 +27,8 @@ NFE = [1, 2, 4]
 COARSE_GRID = ["objective.num_ddim_timesteps=10", "objective.solver_substeps=5"]  # configs/lcm_digits_1step.yaml
 COMMON = ["train.sample_every=0", "train.progress=false", "train.threads=1"]  # two runs share the 2 cores
 SCOTT_ETA05 = ["objective.solver_eta=0.5", "objective.adv_weight=0"]  # scott_digits.yaml before it took eta 0.2 + adv
+TSCD_GRID40 = ["objective.num_ddim_timesteps=40", "objective.solver_substeps=1",
+               "objective.student_steps=4"]  # tscd_digits.yaml before it took the 8-point grid
 SR_TEACHER = "runs/teacher_digits_sr"
 
 
@@ -47,7 +49,15 @@ def rows(warm: str) -> list[dict]:
         {"name": "lcm_skip100_adv", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=1200", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=300"],
          "note": "lcm_skip100 with the adversarial term (PatchGAN on the student's outputs against real digits, "
-                 "weight 0.1) = configs/lcm_digits_1step.yaml"},
+                 "weight 0.1): configs/lcm_digits_1step.yaml at half its steps"},
+        {"name": "lcm_skip100_adv_2400", "config": "configs/lcm_digits.yaml",
+         "args": ["train.max_steps=2400", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=400"],
+         "note": "lcm_skip100_adv for 2400 steps = configs/lcm_digits_1step.yaml (resumed from its step 1200: wall "
+                 "time of the last 1200 steps)"},
+        {"name": "lcm_skip100_adv_3600", "config": "configs/lcm_digits.yaml",
+         "args": ["train.max_steps=3600", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=400"],
+         "note": "lcm_skip100_adv for 3600 steps (resumed from lcm_skip100_adv_2400's step 2400: wall time of the "
+                 "last 1200 steps)"},
         {"name": "lcm_from_warm_start", "config": "configs/lcm_digits.yaml",
          "args": ["train.max_steps=300", f"objective.student_init={warm}", "optim.student.lr=2e-5"],
          "note": "LCM from the quickstart's regression student (1-step FID 0.177), lr 2e-5"},
@@ -87,16 +97,32 @@ def rows(warm: str) -> list[dict]:
          "args": ["train.max_steps=1200", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0.1",
                   "train.checkpoint_every=300"],
          "note": "scott_skip100_eta0.2 with SCott's adversarial term (PatchGAN on the student's outputs, weight 0.1)"},
+        {"name": "scott_skip100_eta0.1_adv", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=1200", *COARSE_GRID, "objective.solver_eta=0.1", "objective.adv_weight=0.1",
+                  "train.checkpoint_every=300"],
+         "note": "scott_skip100_eta0.2_adv with eta 0.1: configs/scott_digits.yaml at half its steps (trained with train.threads=2 while "
+                 "nothing else ran: its wall time is not comparable with the rows that shared the cores)"},
+        {"name": "scott_skip100_eta0.1_adv_2400", "config": "configs/scott_digits.yaml",
+         "args": ["train.max_steps=2400", *COARSE_GRID, "objective.solver_eta=0.1", "objective.adv_weight=0.1",
+                  "train.checkpoint_every=400"],
+         "note": "scott_skip100_eta0.1_adv for 2400 steps = configs/scott_digits.yaml (resumed from its step 1200: wall time of the last 1200 "
+                 "steps)"},
         {"name": "scott_skip100_eta0.2_adv_2000", "config": "configs/scott_digits.yaml",
          "args": ["train.max_steps=2000", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0.1",
                   "train.checkpoint_every=400"],
          "note": "scott_skip100_eta0.2_adv for 2000 steps (resumed from its step 1200: wall time of the last 800 "
                  "steps)"},
-        {"name": "tscd", "config": "configs/tscd_digits.yaml", "args": ["train.max_steps=400"],
+        {"name": "tscd", "config": "configs/tscd_digits.yaml", "args": ["train.max_steps=400", *TSCD_GRID40],
          "note": "Hyper-SD TSCD: segments 8/4/2/1 (100 steps each), 40-step grid, DDIM-trailing export"},
         {"name": "tscd_1600", "config": "configs/tscd_digits.yaml",
-         "args": ["train.max_steps=1600", "train.checkpoint_every=400", "train.keep_checkpoints=4"],
-         "note": "the tscd_digits recipe: 400 steps per stage", "stages": {4: 800, 2: 1200}},
+         "args": ["train.max_steps=1600", *TSCD_GRID40, "train.checkpoint_every=400", "train.keep_checkpoints=4"],
+         "note": "TSCD on a 40-point grid: 400 steps per stage", "stages": {4: 800, 2: 1200}},
+        {"name": "tscd_skip125", "config": "configs/tscd_digits.yaml",
+         "args": ["train.max_steps=1600", "objective.num_ddim_timesteps=8", "objective.solver_substeps=5",
+                  "train.checkpoint_every=400", "train.keep_checkpoints=4"],
+         "note": "tscd_1600 on an 8-point grid (skip 125), the teacher's DDIM in 5 sub-steps per skip "
+                 "= configs/tscd_digits.yaml",
+         "stages": {4: 800, 2: 1200}},
         {"name": "ict", "config": "configs/ict_digits.yaml",
          "args": ["train.max_steps=600", "train.batch_size=64", "train.checkpoint_every=300"],
          "note": "iCT from scratch (no teacher): Karras grid, curriculum 10 -> 1280, lognormal indices"},
