@@ -75,6 +75,10 @@ def rows(warm: str) -> list[dict]:
         {"name": "lcm_lora_skip100", "config": "configs/lcm_lora_digits.yaml",
          "args": ["train.max_steps=1200", *COARSE_GRID, "train.checkpoint_every=300"],
          "note": "the digits LCM-LoRA recipe on lcm_skip100's 10-point grid (5 teacher sub-steps per skip)"},
+        {"name": "lcm_lora_skip100_adv", "config": "configs/lcm_lora_digits.yaml",
+         "args": ["train.max_steps=1200", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=300"],
+         "note": "lcm_lora_skip100 with the adversarial term (weight 0.1; trained with train.threads=2 while nothing "
+                 "else ran: its wall time is not comparable with the rows that shared the cores)"},
         {"name": "lcm_lora_skip100_2000", "config": "configs/lcm_lora_digits.yaml",
          "args": ["train.max_steps=2000", *COARSE_GRID, "train.checkpoint_every=400"],
          "note": "lcm_lora_skip100 for 2000 steps (resumed from its step 1200: wall time of the last 800 steps)"},
@@ -100,13 +104,14 @@ def rows(warm: str) -> list[dict]:
         {"name": "scott_skip100_eta0.1_adv", "config": "configs/scott_digits.yaml",
          "args": ["train.max_steps=1200", *COARSE_GRID, "objective.solver_eta=0.1", "objective.adv_weight=0.1",
                   "train.checkpoint_every=300"],
-         "note": "scott_skip100_eta0.2_adv with eta 0.1: configs/scott_digits.yaml at half its steps (trained with train.threads=2 while "
-                 "nothing else ran: its wall time is not comparable with the rows that shared the cores)"},
+         "note": "scott_skip100_eta0.2_adv with eta 0.1: configs/scott_digits.yaml at half its steps (trained with "
+                 "train.threads=2 while nothing else ran: its wall time is not comparable with the rows that shared "
+                 "the cores)"},
         {"name": "scott_skip100_eta0.1_adv_2400", "config": "configs/scott_digits.yaml",
          "args": ["train.max_steps=2400", *COARSE_GRID, "objective.solver_eta=0.1", "objective.adv_weight=0.1",
                   "train.checkpoint_every=400"],
-         "note": "scott_skip100_eta0.1_adv for 2400 steps = configs/scott_digits.yaml (resumed from its step 1200: wall time of the last 1200 "
-                 "steps)"},
+         "note": "scott_skip100_eta0.1_adv for 2400 steps = configs/scott_digits.yaml (resumed from its step 1200: "
+                 "wall time of the last 1200 steps)"},
         {"name": "scott_skip100_eta0.2_adv_2000", "config": "configs/scott_digits.yaml",
          "args": ["train.max_steps=2000", *COARSE_GRID, "objective.solver_eta=0.2", "objective.adv_weight=0.1",
                   "train.checkpoint_every=400"],
