@@ -10,7 +10,9 @@ sample i is digit i's 8x8 source, PSNR/SSIM against digit i). Wall time and peak
     python benchmarks/consistency.py [--out benchmarks/results/consistency] [--only a,b] [--warm-start QS_OUT]
 
 The super-resolution rows need the SR teacher: ``stepdistill train-teacher configs/teacher_digits_sr.yaml``.
-Runs resume (rerun the same command); results.json and table.md are rewritten from every finished run.
+Runs resume (rerun the same command); results.json and table.md are rewritten from every finished run. With
+``--only``, the rows not asked for whose run folders are gone (measured earlier, on another checkout) keep their
+entries from the existing results.json, as does the super-resolution table.
 """
 from __future__ import annotations
 
@@ -257,10 +259,13 @@ def main():
     log = out / "log.txt"
     wanted = set(args.only.split(",")) if args.only else None
     warm, _, _ = warm_start(out, log, Path(args.warm_start) if args.warm_start else None)
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results = []
     for row in rows(str(warm)):
         run_dir = out / "runs" / row["name"]
         if wanted and row["name"] not in wanted and not (run_dir / "train_summary.json").is_file():
+            # a row run earlier whose run folder is gone (another machine): keep its measured entries
+            results += [r for r in previous.get("rows", []) if r["name"].split(" k=")[0] == row["name"]]
             continue
         train(row, out, log)
         print(f"[{row['name']}] evaluating", flush=True)
@@ -273,6 +278,7 @@ def main():
            "common_overrides": COMMON, "teacher": teacher["models"][0]["results"],
            "rows": results + [{**r, "name": "dmd2_no_gan (distribution matching)"} for r in dmd2]}
     sr = super_resolution(out, log, wanted) if not wanted or "sr" in wanted or wanted & {"cd_sr", "acd_sr"} else None
+    sr = sr or previous.get("super_resolution")
     text = markdown(doc) if results else ""
     if sr is not None:
         doc["super_resolution"] = sr
