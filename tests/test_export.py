@@ -463,6 +463,12 @@ def test_export_folders_and_cards(roundtrips):
         assert info["num_inference_steps"] == case.steps and meta["num_inference_steps"] == case.steps
         assert info["nfe_per_image"] == case.steps * (2 if case.cfg else 1)
         assert (info["needs_stepdistill"] is (not case.stock)), name
+    # a consistency student's card also says what other step counts run (LCMScheduler on its 50-point grid)
+    info = json.loads(open(os.path.join(cases["ddpm_lcm1"].folder, "stepdistill.json")).read())["export"]
+    assert info["other_steps"]["4"] == [999.0, 759.0, 499.0, 259.0] and "1" not in info["other_steps"]
+    assert "| other step counts | 2: 999, 499; 4: 999, 759, 499, 259; 8: " in open(
+        os.path.join(cases["ddpm_lcm1"].folder, "README.md")).read()
+    assert "other step counts" not in open(os.path.join(cases["ddpm_ddim2"].folder, "README.md")).read()
     # what the examples need
     assert json.loads(open(os.path.join(cases["cc_t399"].folder, "stepdistill.json")).read())["export"][
         "timesteps"] == [399.0]

@@ -82,6 +82,8 @@ def render(info: dict, meta: dict) -> str:
         ("pipeline", f"`{info['pipeline']}`, loads with {loads}"),
         ("scheduler", f"`{info['scheduler']}` ({_scheduler_summary(info['scheduler_config'])})"),
         ("steps", f"{steps} (timesteps {ts}); network evaluations per image: {info['nfe_per_image']}"),
+        *([("other step counts", "; ".join(f"{k}: {', '.join(f'{t:g}' for t in v)}"
+                                             for k, v in info["other_steps"].items()))] if info.get("other_steps") else []),
         ("guidance", g),
         ("training steps", info.get("training_steps") if info.get("training_steps") is not None else "unknown"),
         ("weights", f"safetensors, {info['dtype']}" + (f"; variants: {', '.join(info['variants'])} (load with "

@@ -618,6 +618,21 @@ def _scheduler_from_schedule(student: Denoiser):
                          timestep_spacing="trailing")
 
 
+def _other_steps(recipe, scheduler, pipe_name) -> dict[int, list[float]]:
+    """What an x0-then-fresh-noise sampler (lcm, flow_lcm) runs at 1, 2, 4 and 8 steps besides the trained count:
+    consistency students are sampled at several."""
+    if recipe.sampler not in ("lcm", "flow_lcm"):
+        return {}
+    other = {}
+    for k in (1, 2, 4, 8):
+        try:
+            if k != recipe.num_inference_steps:
+                other[k] = student_timesteps(scheduler, k, pipe_name)
+        except ValueError:  # LCMScheduler: more steps than its original_inference_steps grid
+            break
+    return other
+
+
 def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra) -> dict:
     recipe = spec.recipe
     config = backbones.unwrap(backbone).config
@@ -655,6 +670,7 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
         "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         "num_inference_steps": recipe.num_inference_steps,
         "timesteps": ts,
+        "other_steps": _other_steps(recipe, scheduler, pipe_name),
         "guidance": {"mode": mode, "guidance_scale": scale},
         "nfe_per_image": recipe.num_inference_steps * (2 if mode == "cfg" else 1),
         "call": {"input": call_input, "kwargs": kwargs,

@@ -6,8 +6,8 @@ recipe             scheduler (on the teacher's noise schedule)     typical stude
 ``ddim``           DDIMScheduler, the teacher's own spacing        teachers; students on the teacher's grid
 ``ddim_trailing``  DDIMScheduler, ``timestep_spacing="trailing"``  Hyper-SD, progressive distillation; 1 step
                    (4 steps: 999, 749, 499, 249)                    = x0 at t=999 (SD-Turbo, SwiftBrush)
-``lcm``            LCMScheduler, LCM's 50-step grid                 LCM, consistency distillation
-                   (4 steps: 999, 759, 499, 259)
+``lcm``            LCMScheduler, ``original_inference_steps``       LCM, consistency distillation
+                   grid (LCM's 50: 4 steps 999, 759, 499, 259)
 ``lcm_uniform``    LCMScheduler, ``original_inference_steps=K``    DMD2 (4 steps: 999, 749, 499, 249)
 ``flow_euler``     FlowMatchEulerDiscreteScheduler, fixed shift     rectified flow, SD3 / Flux students
                    (K >= 2: ``shift_terminal = 1/K``)
@@ -61,8 +61,8 @@ RECIPES: dict[str, tuple[str, object, str]] = {
     "ddim": ("ddim", lambda k: {}, "DDIM (eta 0) on the teacher's own timestep spacing"),
     "ddim_trailing": ("ddim", lambda k: {"timestep_spacing": "trailing"},
                       "DDIM with trailing spacing: K steps from t = T-1 (4 steps: 999, 749, 499, 249)"),
-    "lcm": ("lcm", lambda k: {}, "LCMScheduler on LCM's 50-step grid: x0, then fresh noise (4 steps: 999, 759, "
-            "499, 259)"),
+    "lcm": ("lcm", lambda k: {}, "LCMScheduler on its original_inference_steps grid (LCM's 50 by default: 4 steps "
+            "are then 999, 759, 499, 259): x0, then fresh noise"),
     "lcm_uniform": ("lcm", _uniform_lcm, "LCMScheduler with original_inference_steps = K: evenly spaced steps, x0 "
                     "then fresh noise (4 steps: 999, 749, 499, 249, as DMD2)"),
     "flow_euler": ("flow_euler", _flow_terminal, "FlowMatchEulerDiscreteScheduler (Euler on the velocity) with a "
