@@ -175,3 +175,29 @@ def test_a_lora_export_is_evaluated_with_its_lora(folders, cache, tmp_path):
                  "--metrics", "fid,kid", *FAST]) == 0
     assert results["diffusers"] == pytest.approx(results["fused"], rel=1e-4)
     assert results["diffusers"] != pytest.approx(json.loads(base.read_text())["models"][0]["results"][0]["fid"], rel=1e-3)
+
+
+def test_eval_at_custom_timesteps(folders, cache, tmp_path, capsys):
+    """--timesteps samples the len(timesteps)-step point at those timesteps: LCMScheduler's own 2 steps give the
+    default's numbers, other timesteps other images; the protocol records them."""
+    from diffusers import LCMScheduler
+
+    from stepdistill.pipelines import ClassConditionalPipeline
+
+    pipe = ClassConditionalPipeline.from_pretrained(folders / "student")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "lcm")
+    args = ["eval", str(tmp_path / "lcm"), "--cache-dir", cache, "--metrics", "fid,kid", *FAST]
+    runs = {}
+    for name, extra in (("default", ["--nfe", "2"]), ("same", ["--timesteps", "999,499"]),
+                        ("other", ["--timesteps", "999,259"])):
+        assert main([*args, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    fid = {k: r["models"][0]["results"][0]["fid"] for k, r in runs.items()}
+    assert [r["nfe"] for r in runs["other"]["models"][0]["results"]] == [2]
+    assert fid["same"] == pytest.approx(fid["default"], rel=1e-6) and fid["other"] != pytest.approx(fid["default"])
+    assert runs["other"]["protocol"]["models"]["lcm"]["timesteps"] == [999, 259]
+    assert main([*args, "--timesteps", "499,999"]) == 2
+    assert "decreasing" in capsys.readouterr().err
+    assert main(["eval", str(folders / "teacher"), "--timesteps", "999,499", *FAST]) == 2
+    assert "needs a student pipeline" in capsys.readouterr().err

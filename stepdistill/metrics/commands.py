@@ -26,6 +26,16 @@ def parse_nfe(text: str) -> list[int]:
     return values
 
 
+def parse_timesteps(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise _error(f"--timesteps must be comma-separated integers like 999,899,799,499, not {text!r}") from None
+    if not values or min(values) < 0 or any(b >= a for a, b in zip(values, values[1:])):
+        raise _error(f"--timesteps must be non-negative and decreasing, like 999,899,799,499, not {text!r}")
+    return values
+
+
 def _metrics(text: str) -> tuple[str, ...]:
     names = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in names if m not in METRICS]
@@ -65,6 +75,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--nfe", default=None, help="comma-separated NFE, e.g. 1,2,4 (default: the model's own steps)")
     p.add_argument("--kind", choices=("teacher", "student"), default=None,
                    help="teacher: sample with DDIM at each NFE; default: student for pipelines, else teacher")
+    p.add_argument("--timesteps", default=None,
+                   help="a student's timesteps for its len(timesteps)-step point, e.g. 999,899,799,499 (passed to a "
+                        "pipeline that takes timesteps=; default: the export's)")
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None, help="results JSON (default eval_<name>/results.json); details.json, "
                    "nfe_vs_fid.png and samples/ go next to it")
@@ -125,7 +138,10 @@ def run_eval(args) -> int:
     from .samplers import load_eval_model
 
     settings = _settings(args)
+    timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
     model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args))
+    if timesteps:
+        model.use_timesteps(timesteps)
     nfes = parse_nfe(args.nfe) if args.nfe else model.default_nfe
     if not nfes:
         raise _error(f"{args.source} does not record its steps: pass --nfe (e.g. --nfe 1,2,4)")

@@ -65,6 +65,14 @@ class EvalModel:
         if "prompt" in self._params and not self.prompts and self.num_classes is None:
             raise ModelLoadError(f"{self.source} is a text-to-image pipeline: give prompts (--prompts FILE)")
 
+    def use_timesteps(self, timesteps: list[int]) -> None:
+        """Sample the ``len(timesteps)``-step point at these timesteps (other NFE keep the pipeline's own)."""
+        if self.kind != "student" or "timesteps" not in self._params:
+            raise ModelLoadError(f"--timesteps needs a student pipeline whose call takes timesteps=; {self.source} is "
+                                 f"a {self.kind} ({type(self.pipe).__name__})")
+        self.timesteps = list(timesteps)
+        self.default_nfe = [len(timesteps)]
+
     def sample(self, indices, nfe: int, seed: int) -> torch.Tensor:
         indices = list(indices)
         p = self._params
