@@ -1,0 +1,71 @@
+"""How much a digits FID moves with the noise seed, and which 4-step timesteps suit a consistency student.
+
+One exported student is scored with the bench's protocol (digits-CNN FID, N = 2,000) at several noise seeds, with
+LCMScheduler's own 1-, 2- and 4-step timesteps and with other 4-step schedules (``stepdistill eval --timesteps``),
+next to the teacher's best point (DDIM, 64 steps) at the same seeds.
+Consistency models choose their intermediate timesteps by FID (Song et al. 2023 search them); the table gives the
+mean and standard deviation over the seeds, so a schedule is judged by more than one draw.
+
+    stepdistill train configs/lcm_digits_1step.yaml && stepdistill export runs/lcm_digits_1step --out runs/lcm1
+    python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--out benchmarks/results/consistency_sampling]
+
+Finished evaluations are reused (rerun the same command); results.json and table.md are rewritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from distribution_matching import sh
+
+# 4-step schedules on the 10-point grid (99, 199, ..., 999) of lcm_digits_1step; LCMScheduler's own is 999/799/499/299
+SCHEDULES = ["999,899,799,699", "999,899,799,599", "999,899,799,499"]
+TEACHER = "digits-teacher"  # its best point, DDIM at 64 steps: the goals' denominator, at the same seeds
+
+
+def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out: Path, log: Path) -> list[dict]:
+    name = f"seed{seed}_" + (f"ts{timesteps.replace(',', '_')}" if timesteps else f"nfe{nfe.replace(',', '_')}")
+    path = out / "evals" / (f"teacher_{name}" if pipeline == TEACHER else name) / "results.json"
+    if not path.is_file():
+        cmd = ["stepdistill", "eval", str(pipeline), "--seed", str(seed), "--n", "2000", "--out", str(path),
+               "--metrics", "fid,kid", "--no-progress", "--threads", "2"]
+        sh(cmd + (["--timesteps", timesteps] if timesteps else ["--nfe", nfe]), log)
+    return json.loads(path.read_text())["models"][0]["results"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("pipeline", type=Path, help="an exported consistency student (LCMScheduler)")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/consistency_sampling"))
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "log.txt"
+    fids: dict[str, list[float]] = {}
+    for seed in seeds:
+        (r,) = score(TEACHER, seed, "64", None, args.out, log)
+        fids.setdefault("teacher DDIM, 64", []).append(r["fid"])
+        for r in score(args.pipeline, seed, "1,2,4", None, args.out, log):
+            fids.setdefault(f"{r['nfe']} (LCMScheduler)", []).append(r["fid"])
+        for ts in SCHEDULES:
+            (r,) = score(args.pipeline, seed, "4", ts, args.out, log)
+            fids.setdefault(f"4 ({ts.replace(',', ', ')})", []).append(r["fid"])
+        print(f"seed {seed} done", flush=True)
+    teacher = statistics.mean(fids["teacher DDIM, 64"])
+    rows = [{"steps": k, "fid": v, "mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+             "mean_over_teacher": statistics.mean(v) / teacher} for k, v in fids.items()]
+    (args.out / "results.json").write_text(json.dumps({"pipeline": str(args.pipeline), "seeds": seeds, "n": 2000,
+                                                       "rows": rows}, indent=1) + "\n")
+    lines = ["| steps (timesteps) | FID mean | FID sd | mean / teacher's | " + " | ".join(f"seed {s}" for s in seeds)
+             + " |", "|---|---|---|---|" + "---|" * len(seeds)]
+    lines += [f"| {r['steps']} | {r['mean']:.4f} | {r['sd']:.4f} | {r['mean_over_teacher']:.2f}x | "
+              + " | ".join(f"{f:.4f}" for f in r["fid"]) + " |" for r in rows]
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
