@@ -2,14 +2,15 @@
 
 One exported student is scored with the bench's protocol (digits-CNN FID, N = 2,000) at several noise seeds, with
 LCMScheduler's own 1-, 2- and 4-step timesteps and with other 4-step schedules (``stepdistill eval --timesteps``),
-next to the teacher's best point (DDIM, 64 steps) at the same seeds.
-Consistency models choose their intermediate timesteps by FID (Song et al. 2023 search them); the table gives the
-mean and standard deviation over the seeds, so a schedule is judged by more than one draw.
+next to the teacher's best point (DDIM, 64 steps) at the same seeds. Consistency models choose their intermediate
+timesteps by FID (Song et al. 2023 search them); the table gives the mean and standard deviation over the seeds, so
+a schedule is judged by more than one draw.
 
     stepdistill train configs/lcm_digits_1step.yaml && stepdistill export runs/lcm_digits_1step --out runs/lcm1
-    python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--out benchmarks/results/consistency_sampling]
+    python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--out DIR]
 
-Finished evaluations are reused (rerun the same command); results.json and table.md are rewritten.
+``--out`` defaults to benchmarks/results/consistency_sampling. Finished evaluations are reused (rerun the same
+command); results.json and table.md are rewritten.
 """
 from __future__ import annotations
 

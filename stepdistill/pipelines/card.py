@@ -72,6 +72,7 @@ def render(info: dict, meta: dict) -> str:
     else:
         g = "none (guidance_scale=1.0: no classifier-free guidance, one network call per step)"
     ts = ", ".join(f"{t:g}" for t in info["timesteps"])
+    other = "; ".join(f"{k}: {', '.join(f'{t:g}' for t in v)}" for k, v in (info.get("other_steps") or {}).items())
     loads = ("plain Diffusers (no stepdistill import)" if not info["needs_stepdistill"] else
              "stepdistill installed and `trust_remote_code=True` (the folder's one-line shim imports the installed "
              "class; no code is downloaded)")
@@ -82,8 +83,7 @@ def render(info: dict, meta: dict) -> str:
         ("pipeline", f"`{info['pipeline']}`, loads with {loads}"),
         ("scheduler", f"`{info['scheduler']}` ({_scheduler_summary(info['scheduler_config'])})"),
         ("steps", f"{steps} (timesteps {ts}); network evaluations per image: {info['nfe_per_image']}"),
-        *([("other step counts", "; ".join(f"{k}: {', '.join(f'{t:g}' for t in v)}"
-                                             for k, v in info["other_steps"].items()))] if info.get("other_steps") else []),
+        *([("other step counts", other)] if other else []),
         ("guidance", g),
         ("training steps", info.get("training_steps") if info.get("training_steps") is not None else "unknown"),
         ("weights", f"safetensors, {info['dtype']}" + (f"; variants: {', '.join(info['variants'])} (load with "
