@@ -9,8 +9,8 @@ a schedule is judged by more than one draw.
     stepdistill train configs/lcm_digits_1step.yaml && stepdistill export runs/lcm_digits_1step --out runs/lcm1
     python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--out DIR]
 
-``--out`` defaults to benchmarks/results/consistency_sampling. Finished evaluations are reused (rerun the same
-command); results.json and table.md are rewritten.
+``--out`` defaults to benchmarks/results/consistency_sampling; results.json and table.md go to a folder named after
+the pipeline's (runs/lcm1 -> lcm1/). Finished evaluations are reused (rerun the same command).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ TEACHER = "digits-teacher"  # its best point, DDIM at 64 steps: the goals' denom
 
 def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out: Path, log: Path) -> list[dict]:
     name = f"seed{seed}_" + (f"ts{timesteps.replace(',', '_')}" if timesteps else f"nfe{nfe.replace(',', '_')}")
-    path = out / "evals" / (f"teacher_{name}" if pipeline == TEACHER else name) / "results.json"
+    path = out / "evals" / ("teacher" if pipeline == TEACHER else Path(pipeline).resolve().name) / name / "results.json"
     if not path.is_file():
         cmd = ["stepdistill", "eval", str(pipeline), "--seed", str(seed), "--n", "2000", "--out", str(path),
                "--metrics", "fid,kid", "--no-progress", "--threads", "2"]
@@ -43,7 +43,8 @@ def main():
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/consistency_sampling"))
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / args.pipeline.resolve().name  # results.json and table.md of this pipeline
+    report.mkdir(parents=True, exist_ok=True)
     log = args.out / "log.txt"
     fids: dict[str, list[float]] = {}
     for seed in seeds:
@@ -58,13 +59,13 @@ def main():
     teacher = statistics.mean(fids["teacher DDIM, 64"])
     rows = [{"steps": k, "fid": v, "mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
              "mean_over_teacher": statistics.mean(v) / teacher} for k, v in fids.items()]
-    (args.out / "results.json").write_text(json.dumps({"pipeline": str(args.pipeline), "seeds": seeds, "n": 2000,
+    (report / "results.json").write_text(json.dumps({"pipeline": str(args.pipeline), "seeds": seeds, "n": 2000,
                                                        "rows": rows}, indent=1) + "\n")
     lines = ["| steps (timesteps) | FID mean | FID sd | mean / teacher's | " + " | ".join(f"seed {s}" for s in seeds)
              + " |", "|---|---|---|---|" + "---|" * len(seeds)]
     lines += [f"| {r['steps']} | {r['mean']:.4f} | {r['sd']:.4f} | {r['mean_over_teacher']:.2f}x | "
               + " | ".join(f"{f:.4f}" for f in r["fid"]) + " |" for r in rows]
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    (report / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
