@@ -28,7 +28,8 @@ TEACHER = "digits-teacher"  # its best point, DDIM at 64 steps: the goals' denom
 
 def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out: Path, log: Path) -> list[dict]:
     name = f"seed{seed}_" + (f"ts{timesteps.replace(',', '_')}" if timesteps else f"nfe{nfe.replace(',', '_')}")
-    path = out / "evals" / ("teacher" if pipeline == TEACHER else Path(pipeline).resolve().name) / name / "results.json"
+    folder = "teacher" if pipeline == TEACHER else Path(pipeline).resolve().name
+    path = out / "evals" / folder / name / "results.json"
     if not path.is_file():
         cmd = ["stepdistill", "eval", str(pipeline), "--seed", str(seed), "--n", "2000", "--out", str(path),
                "--metrics", "fid,kid", "--no-progress", "--threads", "2"]
