@@ -160,6 +160,29 @@ def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher
     pipe.scheduler.set_timesteps(4)
     assert pipe.scheduler.timesteps.tolist() == trainer.objective.sample_timesteps() == [999, 759, 499, 259]
 
+    # other sampling timesteps on the grid, chosen at export: stock LCMScheduler where one runs them, else
+    # StudentLCMScheduler; the default call, the card and stepdistill.json all run / name them
+    import json
+
+    from stepdistill.pipelines.export import META_FILE
+
+    stock = export_run(trainer.output_dir, tmp_path / "stock", overrides=["objective.student_steps=4",
+                                                                          "objective.sample_timesteps=[999,759,499,259]"])
+    assert json.loads((stock / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    tuned = [999, 899, 799, 699]
+    folder = export_run(trainer.output_dir, tmp_path / "tuned", overrides=["objective.student_steps=4",
+                                                                           f"objective.sample_timesteps={tuned}"])
+    info = json.loads((folder / META_FILE).read_text())
+    assert info["timesteps"] == tuned and info["export"]["scheduler"] == "StudentLCMScheduler"
+    assert info["export"]["needs_stepdistill"] and "timesteps 999, 899, 799, 699" in (folder / "README.md").read_text()
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.timesteps.tolist() == tuned
+    with torch.no_grad():
+        images = pipe(class_labels=torch.tensor([1, 2]), num_inference_steps=4, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
 
 def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
     with pytest.raises(ConfigError, match="needs a guidance embedding, and a UNet2DModel has none"):
@@ -168,6 +191,12 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
         build_trainer(lcm_run(tmp_path, teacher_folder, num_ddim_timesteps=30))
     with pytest.raises(ConfigError, match="guidance_range is \\[s_min, s_max\\]"):
         lcm_run(tmp_path, teacher_folder, guidance_range=[8.0, 2.0])
+    with pytest.raises(ConfigError, match="sample_timesteps must be objective.student_steps=4 decreasing"):
+        lcm_run(tmp_path, teacher_folder, sample_timesteps=[999, 899])
+    with pytest.raises(ConfigError, match=r"sample_timesteps \[900\] are not on the solver grid .*19, 39, \.\.\., 999"):
+        build_trainer(lcm_run(tmp_path, teacher_folder, sample_timesteps=[999, 900, 799, 699]))
+    with pytest.raises(ConfigError, match="sample_timesteps is not for tscd"):
+        lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=40, sample_timesteps=[999, 749, 499, 249])
     run = lcm_run(tmp_path, teacher_folder)
     run.data.dataset = "none"
     with pytest.raises(ConfigError, match="noises data samples"):

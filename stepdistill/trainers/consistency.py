@@ -126,6 +126,10 @@ class ConsistencyConfig:
     target_ema: float = 0.95  # the target network's EMA decay (LCM); lcm_lora: 0 = no target network (the paper)
     timestep_scaling: float = 10.0
     student_steps: int = 4  # the exported LCMScheduler's steps (the student also samples at 1, 2, ...)
+    # the exported pipeline's timesteps, student_steps of them on the solver grid (e.g. [999, 899, 799, 699]);
+    # None: LCMScheduler's own pick. With no stock LCMScheduler config that runs them, the export uses
+    # stepdistill's StudentLCMScheduler (its folder then loads with trust_remote_code=True)
+    sample_timesteps: list[int] | None = None
     lora_rank: int = 0  # lcm_lora: LoRA rank on the frozen teacher (LCM-LoRA: 64)
     adv_weight: float = 0.0  # the adversarial term's weight on the student (0: none; SCott's optional term, acd)
     disc_width: int = 64  # the PatchGAN discriminator's first-layer channels
@@ -150,6 +154,11 @@ class ConsistencyConfig:
             raise ConfigError(f"objective.target_ema must be in [0, 1), not {self.target_ema}")
         if self.student_steps < 1 or self.student_steps > self.num_ddim_timesteps:
             raise ConfigError(f"objective.student_steps must be in 1..num_ddim_timesteps, not {self.student_steps}")
+        if self.sample_timesteps is not None:
+            ts = self.sample_timesteps
+            if len(ts) != self.student_steps or any(b >= a for a, b in zip(ts, ts[1:])):
+                raise ConfigError(f"objective.sample_timesteps must be objective.student_steps={self.student_steps} "
+                                  f"decreasing timesteps, not {ts}: set student_steps to their number")
         if self.adv_weight < 0 or self.disc_width < 1 or self.disc_downsamplings < 1:
             raise ConfigError("objective.adv_weight must be >= 0, disc_width and disc_downsamplings >= 1")
 
@@ -226,6 +235,9 @@ class ConsistencyObjective(Objective):
         if self.schedule.kind == "flow":
             # flow teachers: the grid is N points of the teacher's shifted sigma schedule; the consistency function
             # is the x0 prediction x - sigma u itself (it equals x at sigma = 0); exported with FlowMatchLCMScheduler
+            if config.sample_timesteps is not None:
+                raise ConfigError("objective.sample_timesteps is for VP (DDPM-type) teachers; a flow student's "
+                                  "timesteps follow its sigma grid (num_ddim_timesteps, student_steps)")
             n = config.num_ddim_timesteps
             sigmas = self.schedule.shift_sigma(torch.arange(1, n + 1, dtype=torch.float64) / n)
             self.grid = (sigmas * total).tolist()
@@ -238,10 +250,14 @@ class ConsistencyObjective(Objective):
             self.grid = lcm_grid(total, config.num_ddim_timesteps)
             skip = total // config.num_ddim_timesteps
             self.grid_prev = [max(t - skip, 0) for t in self.grid]
+            off_grid = sorted(set(config.sample_timesteps or ()) - set(self.grid))
+            if off_grid:
+                raise ConfigError(f"objective.sample_timesteps {off_grid} are not on the solver grid the student is "
+                                  f"trained at ({self.grid[0]}, {self.grid[1]}, ..., {self.grid[-1]})")
             # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
             # of its trained range unless the user asks for another scale
-            self.recipe = get_recipe("lcm", config.student_steps, guidance,
-                                     original_inference_steps=config.num_ddim_timesteps,
+            self.recipe = get_recipe("lcm", config.student_steps, guidance, timesteps=config.sample_timesteps,
+                                     custom_scheduler=config.sample_timesteps is not None, original_inference_steps=config.num_ddim_timesteps,
                                      timestep_scaling=config.timestep_scaling)
 
     def f(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

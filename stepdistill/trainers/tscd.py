@@ -53,6 +53,9 @@ class TSCDConfig(ConsistencyConfig):
         from ..config import ConfigError
 
         super().validate()
+        if self.sample_timesteps is not None:
+            raise ConfigError("objective.sample_timesteps is not for tscd: each stage exports DDIM at trailing "
+                              "timesteps, one step per segment")
         if not self.segments or any(k < 1 for k in self.segments) or self.segments != sorted(self.segments, reverse=True):
             raise ConfigError(f"objective.segments must be decreasing positive counts such as [8, 4, 2, 1], not "
                               f"{self.segments}")
