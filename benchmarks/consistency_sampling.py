@@ -7,7 +7,10 @@ timesteps by FID (Song et al. 2023 search them); the table gives the mean and st
 a schedule is judged by more than one draw.
 
     stepdistill train configs/lcm_digits_1step.yaml && stepdistill export runs/lcm_digits_1step --out runs/lcm1
-    python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--out DIR]
+    python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--schedules 999,899,799,699] [--out DIR]
+
+``--schedules none`` scores only the pipeline's own 1, 2 and 4 steps (for a scheduler that takes no custom
+timesteps, such as a TSCD student's DDIMScheduler).
 
 ``--out`` defaults to benchmarks/results/consistency_sampling; results.json and table.md go to a folder named after
 the pipeline's (runs/lcm1 -> lcm1/). Finished evaluations are reused (rerun the same command).
@@ -39,21 +42,26 @@ def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("pipeline", type=Path, help="an exported consistency student (LCMScheduler)")
+    p.add_argument("pipeline", type=Path, help="an exported consistency student")
     p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--schedules", default=";".join(SCHEDULES),
+                   help="4-step timesteps to score, separated by ';' (default: %(default)s); 'none' for none")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/consistency_sampling"))
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    schedules = [] if args.schedules == "none" else [ts.strip() for ts in args.schedules.split(";") if ts.strip()]
     report = args.out / args.pipeline.resolve().name  # results.json and table.md of this pipeline
     report.mkdir(parents=True, exist_ok=True)
     log = args.out / "log.txt"
+    config = json.loads((args.pipeline / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = config["_class_name"]
     fids: dict[str, list[float]] = {}
     for seed in seeds:
         (r,) = score(TEACHER, seed, "64", None, args.out, log)
         fids.setdefault("teacher DDIM, 64", []).append(r["fid"])
         for r in score(args.pipeline, seed, "1,2,4", None, args.out, log):
-            fids.setdefault(f"{r['nfe']} (LCMScheduler)", []).append(r["fid"])
-        for ts in SCHEDULES:
+            fids.setdefault(f"{r['nfe']} ({scheduler})", []).append(r["fid"])
+        for ts in schedules:
             (r,) = score(args.pipeline, seed, "4", ts, args.out, log)
             fids.setdefault(f"4 ({ts.replace(',', ', ')})", []).append(r["fid"])
         print(f"seed {seed} done", flush=True)
