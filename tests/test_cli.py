@@ -46,6 +46,22 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, override, messag
     assert err.startswith("stepdistill: error:") and message in err and "Traceback" not in err
 
 
+def test_overrides_may_follow_options(monkeypatch, capsys):
+    from stepdistill.pipelines import export
+
+    seen = {}
+    monkeypatch.setattr(export, "run_cli", lambda args: seen.update(vars(args)) or 0)
+    assert main(["export", "runs/x", "a.b=1", "--out", "o", "objective.student_steps=4", "c=[1,2]"]) == 0
+    assert seen["run_dir"] == "runs/x" and seen["out"] == "o"
+    assert seen["overrides"] == ["a.b=1", "objective.student_steps=4", "c=[1,2]"]
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "runs/x", "--out", "o", "--bogus", "a=1"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus a=1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quickstart", "a=1"])  # a command without overrides
+    assert "unrecognized arguments: a=1" in capsys.readouterr().err
+
+
 def test_too_few_images_in_a_folder(tmp_path, capsys):
     from PIL import Image
 
