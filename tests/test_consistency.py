@@ -166,12 +166,14 @@ def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher
 
     from stepdistill.pipelines.export import META_FILE
 
-    stock = export_run(trainer.output_dir, tmp_path / "stock", overrides=["objective.student_steps=4",
-                                                                          "objective.sample_timesteps=[999,759,499,259]"])
+    def export_at(timesteps, name):
+        return export_run(trainer.output_dir, tmp_path / name,
+                          overrides=[f"objective.student_steps={len(timesteps)}", f"objective.sample_timesteps={timesteps}"])
+
+    stock = export_at([999, 759, 499, 259], "stock")
     assert json.loads((stock / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
     tuned = [999, 899, 799, 699]
-    folder = export_run(trainer.output_dir, tmp_path / "tuned", overrides=["objective.student_steps=4",
-                                                                           f"objective.sample_timesteps={tuned}"])
+    folder = export_at(tuned, "tuned")
     info = json.loads((folder / META_FILE).read_text())
     assert info["timesteps"] == tuned and info["export"]["scheduler"] == "StudentLCMScheduler"
     assert info["export"]["needs_stepdistill"] and "timesteps 999, 899, 799, 699" in (folder / "README.md").read_text()

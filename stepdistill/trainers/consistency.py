@@ -257,7 +257,8 @@ class ConsistencyObjective(Objective):
             # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
             # of its trained range unless the user asks for another scale
             self.recipe = get_recipe("lcm", config.student_steps, guidance, timesteps=config.sample_timesteps,
-                                     custom_scheduler=config.sample_timesteps is not None, original_inference_steps=config.num_ddim_timesteps,
+                                     custom_scheduler=config.sample_timesteps is not None,
+                                     original_inference_steps=config.num_ddim_timesteps,
                                      timestep_scaling=config.timestep_scaling)
 
     def f(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
