@@ -1,7 +1,7 @@
 """How much a digits FID moves with the noise seed, and which 4-step timesteps suit a consistency student.
 
 One exported student is scored with the bench's protocol (digits-CNN FID, N = 2,000) at several noise seeds, with
-LCMScheduler's own 1-, 2- and 4-step timesteps and with other 4-step schedules (``stepdistill eval --timesteps``),
+its scheduler's own 1-, 2- and 4-step timesteps and with other 4-step schedules (``stepdistill eval --timesteps``),
 next to the teacher's best point (DDIM, 64 steps) at the same seeds. Consistency models choose their intermediate
 timesteps by FID (Song et al. 2023 search them); the table gives the mean and standard deviation over the seeds, so
 a schedule is judged by more than one draw.
