@@ -10,7 +10,11 @@ a schedule is judged by more than one draw.
     python benchmarks/consistency_sampling.py runs/lcm1 [--seeds 0,1,2,3] [--schedules 999,899,799,699] [--out DIR]
 
 ``--schedules none`` scores only the pipeline's own 1, 2 and 4 steps (for a scheduler that takes no custom
-timesteps, such as a TSCD student's DDIMScheduler).
+timesteps, such as a TSCD student's DDIMScheduler). ``--etas 0,0.3`` also scores a TCD export's 4 steps (its own
+timesteps and each schedule) at those gammas (``stepdistill eval --eta``):
+
+    stepdistill export runs/lcm_digits_1step --out runs/lcm1_tcd objective.sampler=tcd
+    python benchmarks/consistency_sampling.py runs/lcm1_tcd --etas 0,0.3,0.6,1
 
 ``--out`` defaults to benchmarks/results/consistency_sampling; results.json and table.md go to a folder named after
 the pipeline's (runs/lcm1 -> lcm1/). Finished evaluations are reused (rerun the same command).
@@ -29,13 +33,16 @@ SCHEDULES = ["999,899,799,699", "999,899,799,599", "999,899,799,499"]
 TEACHER = "digits-teacher"  # its best point, DDIM at 64 steps: the goals' denominator, at the same seeds
 
 
-def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out: Path, log: Path) -> list[dict]:
+def score(pipeline: Path | str, seed: int, nfe: str, timesteps: str | None, out: Path, log: Path,
+          eta: str | None = None) -> list[dict]:
     name = f"seed{seed}_" + (f"ts{timesteps.replace(',', '_')}" if timesteps else f"nfe{nfe.replace(',', '_')}")
+    name += f"_eta{eta}" if eta is not None else ""
     folder = "teacher" if pipeline == TEACHER else Path(pipeline).resolve().name
     path = out / "evals" / folder / name / "results.json"
     if not path.is_file():
         cmd = ["stepdistill", "eval", str(pipeline), "--seed", str(seed), "--n", "2000", "--out", str(path),
                "--metrics", "fid,kid", "--no-progress", "--threads", "2"]
+        cmd += ["--eta", eta] if eta is not None else []
         sh(cmd + (["--timesteps", timesteps] if timesteps else ["--nfe", nfe]), log)
     return json.loads(path.read_text())["models"][0]["results"]
 
@@ -46,8 +53,10 @@ def main():
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--schedules", default=";".join(SCHEDULES),
                    help="4-step timesteps to score, separated by ';' (default: %(default)s); 'none' for none")
+    p.add_argument("--etas", default="", help="a TCD export's gammas to score at 4 steps, e.g. 0,0.3,0.6")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/consistency_sampling"))
     args = p.parse_args()
+    etas = [e.strip() for e in args.etas.split(",") if e.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     schedules = [] if args.schedules == "none" else [ts.strip() for ts in args.schedules.split(";") if ts.strip()]
     report = args.out / args.pipeline.resolve().name  # results.json and table.md of this pipeline
@@ -64,6 +73,12 @@ def main():
         for ts in schedules:
             (r,) = score(args.pipeline, seed, "4", ts, args.out, log)
             fids.setdefault(f"4 ({ts.replace(',', ', ')})", []).append(r["fid"])
+        for eta in etas:
+            (r,) = score(args.pipeline, seed, "4", None, args.out, log, eta)
+            fids.setdefault(f"4 ({scheduler}, gamma {eta})", []).append(r["fid"])
+            for ts in schedules:
+                (r,) = score(args.pipeline, seed, "4", ts, args.out, log, eta)
+                fids.setdefault(f"4 ({ts.replace(',', ', ')}, gamma {eta})", []).append(r["fid"])
         print(f"seed {seed} done", flush=True)
     teacher = statistics.mean(fids["teacher DDIM, 64"])
     rows = [{"steps": k, "fid": v, "mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,

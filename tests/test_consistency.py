@@ -185,6 +185,26 @@ def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher
                       generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
+    # TCDScheduler instead (objective.sampler=tcd): the same grid, the gamma saved as the call's (and the
+    # pipeline's default) eta; the run's own preview samples the same way
+    folder = export_run(trainer.output_dir, tmp_path / "tcd", overrides=["objective.sampler=tcd",
+                                                                         "objective.tcd_gamma=0.5"])
+    info = json.loads((folder / META_FILE).read_text())
+    assert info["export"]["scheduler"] == "TCDScheduler" and info["export"]["call"]["kwargs"]["eta"] == 0.5
+    assert info["timesteps"] == [999, 759, 499, 259] and info["eta"] == 0.5
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kwargs):
+        return pipe(class_labels=torch.tensor([1, 2]), output_type="pt", generator=torch.Generator().manual_seed(0),
+                    **kwargs).images
+
+    torch.testing.assert_close(run(), run(eta=0.5))
+    assert not torch.allclose(run(), run(eta=1.0))
+    tcd = build_trainer(lcm_run(tmp_path, teacher_folder, sampler="tcd", tcd_gamma=0.5)).objective
+    assert tcd.recipe.sampler == "tcd" and tcd.recipe.eta == 0.5
+    assert tcd.sample({"batch_size": 2}, torch.Generator().manual_seed(0)).shape == (2, 1, 8, 8)
+
 
 def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
     with pytest.raises(ConfigError, match="needs a guidance embedding, and a UNet2DModel has none"):
@@ -197,6 +217,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
         lcm_run(tmp_path, teacher_folder, sample_timesteps=[999, 899])
     with pytest.raises(ConfigError, match=r"sample_timesteps \[900\] are not on the solver grid .*19, 39, \.\.\., 999"):
         build_trainer(lcm_run(tmp_path, teacher_folder, sample_timesteps=[999, 900, 799, 699]))
+    with pytest.raises(ConfigError, match="tcd_gamma is TCD's gamma and must be in \\[0, 1\\]"):
+        lcm_run(tmp_path, teacher_folder, sampler="tcd", tcd_gamma=1.5)
     with pytest.raises(ConfigError, match="sample_timesteps is not for tscd"):
         lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=40, sample_timesteps=[999, 749, 499, 249])
     run = lcm_run(tmp_path, teacher_folder)
@@ -305,6 +327,12 @@ def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_
         pipe = ClassConditionalPipeline.from_pretrained(stage)
         pipe.scheduler.set_timesteps(len(timesteps))
         assert pipe.scheduler.timesteps.tolist() == timesteps
+    # sampler: tcd exports TCDScheduler on the same trailing timesteps (Hyper-SD samples with TCD)
+    stage = export_run(trainer.output_dir, tmp_path / "stage2_tcd", overrides=["objective.sampler=tcd"],
+                       checkpoint=trainer.output_dir / "checkpoints" / "step_0000002")
+    info = json.loads((stage / "stepdistill.json").read_text())["export"]
+    assert info["scheduler"] == "TCDScheduler" and info["timesteps"] == [999, 749, 499, 249]
+    assert info["call"]["kwargs"]["eta"] == 0.3
     with pytest.raises(ConfigError, match=r"segments \[8, 4\] do not divide the solver grid"):
         lcm_run(tmp_path, teacher_folder, method="tscd", num_ddim_timesteps=50)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
 
-from stepdistill.config import load_config
+from stepdistill.config import ConfigError, load_config
 from stepdistill.trainers import build_trainer
 from test_dmd_recipes import CONFIGS, LATENT, PROMPTS, assets  # noqa: F401  (the module fixture)
 
@@ -84,6 +84,8 @@ def test_lcm_on_a_flow_transformer_exports_with_flow_match_lcm(assets, tmp_path)
                  f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2",
                  "train.mixed_precision='no'", "train.log_every=1", "train.progress=false", "train.threads=1",
                  "optim.student.lr=1e-3", "optim.student.warmup_steps=0"]
+    with pytest.raises(ConfigError, match="sampler: tcd are for VP"):
+        build_trainer(load_config(CONFIGS / "lcm_sd3.yaml", overrides + ["objective.sampler=tcd"]))
     run = load_config(CONFIGS / "lcm_sd3.yaml", overrides)
     trainer = build_trainer(run)
     o = trainer.objective

@@ -114,14 +114,15 @@ def _generator():
 
 
 def _text_reference(student, scheduler_folder, vae, enc, steps, shape, pipeline, guidance=None, embedded=None,
-                    shift=False, flux=False):
+                    shift=False, flux=False, eta=None):
     sched = _load_scheduler(scheduler_folder)
     cond = enc.encode(PROMPTS)
     if embedded is not None:
         cond.guidance = torch.full((B,), float(embedded))
     g = _generator()
     noise = torch.randn(shape, generator=g)
-    lat = sample_student(student, sched, noise, steps, cond, guidance_scale=guidance, generator=g, pipeline=pipeline)
+    lat = sample_student(student, sched, noise, steps, cond, guidance_scale=guidance, generator=g, pipeline=pipeline,
+                         eta=eta)
     return to_np(decode(vae, lat, shift))
 
 
@@ -135,11 +136,11 @@ def _load_scheduler(folder):
     return cls.from_pretrained(os.path.join(folder, "scheduler"))
 
 
-def _pixel_reference(student, folder, steps, shape, cond=None, guidance=None):
+def _pixel_reference(student, folder, steps, shape, cond=None, guidance=None, eta=None):
     sched = _load_scheduler(folder)
     g = _generator()
     noise = torch.randn(shape, generator=g)
-    return to_np(sample_student(student, sched, noise, steps, cond, guidance_scale=guidance, generator=g))
+    return to_np(sample_student(student, sched, noise, steps, cond, guidance_scale=guidance, generator=g, eta=eta))
 
 
 def build_cases(tmp) -> list[Case]:
@@ -174,6 +175,15 @@ def build_cases(tmp) -> list[Case]:
     cases.append(Case("cc_lora", out("cc_lora"), ref, 2, False, "ClassConditionalPipeline", stock=False,
                       extra_jobs={"cc_lora": {"lora_from": out("cc_lora")},
                                   "cc_lora_fused": {"folder": out("cc_lora/fused")}}))
+    # TCD, three steps at gamma 0.4 on the zero-terminal-SNR schedule; the pipeline's saved eta is its default
+    s = _student(copy.deepcopy(cunet), base, "sample", null_class=10)
+    export_pipeline(s, get_recipe("tcd", 3, eta=0.4), out("cc_tcd"), base_scheduler=base, num_classes=10)
+    card_kwargs = json.loads((tmp / "cc_tcd" / "stepdistill.json").read_text())["export"]["call"]["kwargs"]
+    assert card_kwargs["eta"] == 0.4
+    cases.append(Case("cc_tcd", out("cc_tcd"), _pixel_reference(s, out("cc_tcd"), 3, (B, 1, 8, 8), labels, eta=0.4),
+                      3, False, "ClassConditionalPipeline", stock=False, loader="ClassConditionalPipeline",
+                      extra_jobs={"cc_tcd": {}, "cc_tcd_saved_eta": {
+                          "kwargs": {k: v for k, v in card_kwargs.items() if k != "eta"}}}))
     s = _student(cunet, base, "sample", null_class=10)
     export_pipeline(s, get_recipe("lcm", timesteps=[399], guidance_scale=3.0), out("cc_t399"), base_scheduler=base)
     cases.append(Case("cc_t399", out("cc_t399"), _pixel_reference(s, out("cc_t399"), 1, (B, 1, 8, 8), labels, 3.0),
@@ -200,6 +210,11 @@ def build_cases(tmp) -> list[Case]:
                     base_scheduler=vp("sample"), components=sd_parts)
     ref = _text_reference(s, out("sd_t399"), vae, sd_enc, 1, (B, 4, 8, 8), "StableDiffusionPipeline")
     cases.append(Case("sd_t399", out("sd_t399"), ref, 1, False, "StableDiffusionPipeline", stock=False))
+    # TCD on the stock pipeline: the card's call passes eta (gamma 0.4) to TCDScheduler.step
+    s = _student(sd_unet, vp("epsilon"))
+    export_pipeline(s, get_recipe("tcd", 3, eta=0.4), out("sd_tcd"), base_scheduler=vp("epsilon"), components=sd_parts)
+    ref = _text_reference(s, out("sd_tcd"), vae, sd_enc, 3, (B, 4, 8, 8), "StableDiffusionPipeline", eta=0.4)
+    cases.append(Case("sd_tcd", out("sd_tcd"), ref, 3, False, "StableDiffusionPipeline"))
 
     # 7. guidance-embedded (LCM, time_cond_proj_dim) -> LatentConsistencyModelPipeline, w = s - 1
     torch.manual_seed(4)
@@ -403,8 +418,8 @@ def roundtrips(tmp_path_factory, teacher_run):
     return {c.name: c for c in cases}, results, out, jobs
 
 
-CASES = ["ddpm_lcm1", "ddpm_ddim2", "cc_lora", "cc_t399", "sd_lora", "sd_t399", "lcm_embedded", "sdxl_cfg", "pixart",
-         "dit", "sd3_lora", "flux", "teacher_cli"]
+CASES = ["ddpm_lcm1", "ddpm_ddim2", "cc_lora", "cc_tcd", "cc_t399", "sd_lora", "sd_t399", "sd_tcd", "lcm_embedded",
+         "sdxl_cfg", "pixart", "dit", "sd3_lora", "flux", "teacher_cli"]
 
 
 def _check_job(case, results, out, job_name):
@@ -679,6 +694,59 @@ def test_student_timesteps_of_the_recipes():
         assert get_recipe("flow_euler", 4).timesteps_for(flow, "flow", pipe) == pytest.approx([1000, 750, 500, 250])
     shifted = FlowMatchEulerDiscreteScheduler(shift=3.0)
     assert get_recipe("flow_euler", 1).timesteps_for(shifted, "flow", "FluxPipeline") == [1000.0]
+
+
+def test_tcd_recipe_gamma_grid_and_errors(tmp_path):
+    base = vp()
+    r = get_recipe("tcd", 4)
+    assert r.eta == 0.3 and r.timesteps_for(base, "epsilon") == [999, 759, 499, 259]  # LCMScheduler's grid
+    sched = get_recipe("tcd", timesteps=[999, 749, 499, 249], eta=0.7).make_scheduler(base, "epsilon")
+    assert type(sched).__name__ == "TCDScheduler" and sched.config.original_inference_steps == 4
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ExportError, match="gamma and must be in \\[0, 1\\]"):
+            get_recipe("tcd", 2, eta=bad)
+    with pytest.raises(ExportError, match="takes no eta"):
+        get_recipe("lcm", 2, eta=0.5)
+    # DDPMPipeline's call takes no eta, so it cannot run a TCD student's gamma
+    student, base = _pixel_student()
+    with pytest.raises(ExportError, match="DDPMPipeline's call takes no eta"):
+        export_pipeline(student, "tcd", tmp_path / "out", base_scheduler=base, steps=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_student_tcd_at_gamma_0_and_1():
+    """gamma 0: a DDIM jump to each next timestep (the last to alphas_cumprod[0]); gamma 1: a jump to s = 0, then
+    fresh noise up to the next timestep (LCM's sampling, up to abar_0 < 1)."""
+    from diffusers import TCDScheduler
+
+    student, base = _pixel_student("sample")
+    sched = TCDScheduler.from_config({**dict(base.config), "original_inference_steps": 4})
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = [999, 749, 499, 249]
+    abar = sched.alphas_cumprod.double()
+
+    def x0_eps(x, t):
+        x0 = student(x, torch.full((2,), float(t)), None, output="sample").double()
+        return x0, (x - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+
+    x = noise.double()
+    for i, t in enumerate(ts):
+        x0, eps = x0_eps(x.float(), t)
+        nxt = ts[i + 1] if i + 1 < len(ts) else 0
+        x = abar[nxt].sqrt() * x0 + (1 - abar[nxt]).sqrt() * eps
+    got = sample_student(student, sched, noise, 4, eta=0.0)
+    assert torch.allclose(got.double(), x, atol=1e-4)
+    g = torch.Generator().manual_seed(1)
+    x = noise
+    for i, t in enumerate(ts):
+        x0, eps = x0_eps(x, t)
+        x_s = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps
+        if i + 1 < len(ts):
+            ratio = abar[ts[i + 1]] / abar[0]
+            x_s = ratio.sqrt() * x_s + (1 - ratio).sqrt() * torch.randn(x.shape, generator=g)
+        x = x_s.float()
+    got = sample_student(student, sched, noise, 4, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(got, x, atol=1e-4)
 
 
 def test_sample_student_is_the_teacher_solver_on_even_grids():

@@ -202,3 +202,29 @@ def test_eval_at_custom_timesteps(folders, cache, tmp_path, capsys):
     assert "decreasing" in capsys.readouterr().err
     assert main(["eval", str(folders / "teacher"), "--timesteps", "999,499", *FAST]) == 2
     assert "needs a student pipeline" in capsys.readouterr().err
+
+
+def test_eval_with_eta(folders, cache, tmp_path, capsys):
+    """--eta is the call's eta (a TCD student's gamma): the pipeline's saved eta is the default, another gamma gives
+    other images, and the protocol records it; out of [0, 1], or for a teacher, it is a clear error."""
+    from diffusers import TCDScheduler
+
+    from stepdistill.pipelines import ClassConditionalPipeline
+
+    pipe = ClassConditionalPipeline.from_pretrained(folders / "student")
+    pipe = ClassConditionalPipeline(unet=pipe.unet, scheduler=TCDScheduler.from_config(pipe.scheduler.config),
+                                    num_inference_steps=2, null_class=10, eta=0.3)
+    pipe.save_pretrained(tmp_path / "tcd")
+    args = ["eval", str(tmp_path / "tcd"), "--cache-dir", cache, "--metrics", "fid,kid", *FAST]
+    runs = {}
+    for name, extra in (("default", []), ("same", ["--eta", "0.3"]), ("other", ["--eta", "1.0"])):
+        assert main([*args, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    fid = {k: r["models"][0]["results"][0]["fid"] for k, r in runs.items()}
+    assert fid["same"] == pytest.approx(fid["default"], rel=1e-6)
+    assert fid["other"] != pytest.approx(fid["default"])
+    assert runs["other"]["protocol"]["models"]["tcd"]["eta"] == 1.0
+    assert main([*args, "--eta", "1.5"]) == 2
+    assert "must be in [0, 1]" in capsys.readouterr().err
+    assert main(["eval", str(folders / "teacher"), "--eta", "0.5", *FAST]) == 2
+    assert "needs a student pipeline" in capsys.readouterr().err

@@ -78,6 +78,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--timesteps", default=None,
                    help="a student's timesteps for its len(timesteps)-step point, e.g. 999,899,799,499 (passed to a "
                         "pipeline that takes timesteps=; default: the export's)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="the pipeline call's eta: a TCD student's gamma in [0, 1] (default: the export's)")
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=None, help="results JSON (default eval_<name>/results.json); details.json, "
                    "nfe_vs_fid.png and samples/ go next to it")
@@ -142,6 +144,10 @@ def run_eval(args) -> int:
     model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args))
     if timesteps:
         model.use_timesteps(timesteps)
+    if args.eta is not None:
+        if not 0 <= args.eta <= 1:
+            raise _error(f"--eta is TCD's gamma and must be in [0, 1], not {args.eta}")
+        model.use_eta(args.eta)
     nfes = parse_nfe(args.nfe) if args.nfe else model.default_nfe
     if not nfes:
         raise _error(f"{args.source} does not record its steps: pass --nfe (e.g. --nfe 1,2,4)")

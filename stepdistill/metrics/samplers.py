@@ -6,9 +6,9 @@ Sources:
   (its ``final/``): the teacher's DDIM sampler (eta 0, ``DDIMScheduler.from_config`` of its own scheduler; a flow
   teacher keeps its FlowMatch Euler scheduler) in :class:`ClassConditionalPipeline` for pixel UNets. Kind: teacher.
 - a pipeline folder (``model_index.json``): ``ClassConditionalPipeline.from_pretrained`` for class-conditional
-  digits pipelines, ``DiffusionPipeline.from_pretrained`` otherwise. Kind: student. Its default steps, timesteps
-  and guidance are read from the pipeline config or ``stepdistill.json`` (``num_inference_steps``,
-  ``timesteps``, ``guidance_scale``, at the top level or under ``recipe``).
+  digits pipelines, ``DiffusionPipeline.from_pretrained`` otherwise. Kind: student. Its default steps, timesteps,
+  guidance and ``eta`` (TCD's gamma) are read from the pipeline config or ``stepdistill.json``
+  (``num_inference_steps``, ``timesteps``, ``guidance_scale``, ``eta``, at the top level or under ``recipe``).
 
 Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``data.sample_seed(seed, i)`` for all of its
 noise (one generator per sample, so the samples do not depend on the batch size or on the model). An image-conditioned
@@ -59,6 +59,7 @@ class EvalModel:
     info: dict = field(default_factory=dict)
     sources: torch.Tensor | None = None  # image-conditioned: source i % len, (N, C, H, W) in [-1, 1]
     targets: torch.Tensor | None = None  # ... and the real image it should become, in [0, 1]
+    eta: float | None = None  # the call's eta (a TCD student's gamma)
 
     def __post_init__(self):
         self._params = inspect.signature(self.pipe.__call__).parameters
@@ -72,6 +73,13 @@ class EvalModel:
                                  f"a {self.kind} ({type(self.pipe).__name__})")
         self.timesteps = list(timesteps)
         self.default_nfe = [len(timesteps)]
+
+    def use_eta(self, eta: float) -> None:
+        """Sample with the pipeline call's ``eta`` (TCD's gamma) instead of the export's."""
+        if self.kind != "student" or "eta" not in self._params:
+            raise ModelLoadError(f"--eta needs a student pipeline whose call takes eta=; {self.source} is a "
+                                 f"{self.kind} ({type(self.pipe).__name__})")
+        self.eta = float(eta)
 
     def sample(self, indices, nfe: int, seed: int) -> torch.Tensor:
         indices = list(indices)
@@ -91,6 +99,8 @@ class EvalModel:
             kwargs["batch_size"] = len(indices)
         if self.guidance is not None and "guidance_scale" in p:
             kwargs["guidance_scale"] = self.guidance
+        if self.eta is not None and "eta" in p:
+            kwargs["eta"] = self.eta
         out = self.pipe(**kwargs)
         images = out.images if hasattr(out, "images") else out[0]
         if isinstance(images, list):  # PIL
@@ -104,7 +114,8 @@ class EvalModel:
         return {"source": self.source, "kind": self.kind, "pipeline": type(self.pipe).__name__,
                 "scheduler": type(getattr(self.pipe, "scheduler", None)).__name__, "sampler": self.sampler,
                 "guidance": self.guidance, "timesteps": self.timesteps,
-                "class_labels": f"i % {self.num_classes}" if self.num_classes else None, **self.info}
+                "class_labels": f"i % {self.num_classes}" if self.num_classes else None,
+                **({"eta": self.eta} if self.eta is not None else {}), **self.info}
 
     def targets_of(self, indices) -> torch.Tensor | None:
         return None if self.targets is None else self.targets[[i % len(self.targets) for i in indices]]
@@ -235,9 +246,10 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
         sources, targets = super_resolution_pairs(denoiser.config.sample_size, pipe.config.source_resolution)
         info["sources"] = (f"digits i % {len(sources)} ({targets.shape[-1]}px, the PSNR/SSIM target) reduced to "
                            f"{pipe.config.source_resolution}px (area)")
+    eta = _lookup(meta, "eta") if kind == "student" else None
     return EvalModel(name, kind, pipe, str(source), default, None if guidance is None else float(guidance),
                      num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, prompts, info,
-                     sources, targets)
+                     sources, targets, None if eta is None else float(eta))
 
 
 def super_resolution_pairs(resolution: int, source_resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,9 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # as Diffusers' save_lora_weights
 class ClassConditionalPipeline(DiffusionPipeline):
     """``pipe(class_labels=[3, 7], num_inference_steps=K, guidance_scale=s)``.
 
-    ``num_inference_steps`` and ``guidance_scale`` default to the values saved with the pipeline (the steps
-    and guidance a student was trained for). CFG is the standard ``uncond + s * (cond - uncond)`` with the
+    ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the values saved with the pipeline (the
+    steps and guidance a student was trained for; ``eta`` is TCDScheduler's gamma, passed to ``scheduler.step``
+    when set, as Diffusers' pipelines pass theirs). CFG is the standard ``uncond + s * (cond - uncond)`` with the
     null class ``null_class`` (= number of classes); ``s = 1`` is one network call per step.
 
     LoRA students: :meth:`save_lora_weights` / :meth:`load_lora_weights` use the Diffusers file layout
@@ -30,11 +31,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet, scheduler, num_inference_steps: int = 50, guidance_scale: float = 1.0,
-                 null_class: int | None = None):
+                 null_class: int | None = None, eta: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                null_class=null_class)
+                                null_class=null_class, eta=eta)
+
+    def _step_kwargs(self, generator, eta: float | None) -> dict:
+        """``scheduler.step``'s extra arguments: the generator, and ``eta`` (the call's, else the saved one)."""
+        import inspect
+
+        eta = self.config.get("eta") if eta is None else eta
+        if eta is None:
+            return {"generator": generator}
+        if "eta" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(f"eta={eta} was given but {type(self.scheduler).__name__}.step takes no eta")
+        return {"generator": generator, "eta": float(eta)}
 
     def _set_explicit_timesteps(self, timesteps: list[int], device) -> None:
         import inspect
@@ -126,7 +138,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def __call__(self, class_labels=None, batch_size: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | list | None = None,
                  latents: torch.Tensor | None = None, timesteps: list[int] | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, eta: float | None = None):
         steps = num_inference_steps or self.config.num_inference_steps
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if class_labels is not None:
@@ -143,6 +155,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         x = self._start(batch_size, self.unet.config.in_channels, steps, timesteps, generator, latents)
         if labels is not None:
             labels = labels.to(device)
+        step_kwargs = self._step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(x, t)
             if scale != 1:
@@ -152,7 +165,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 out = uncond + scale * (cond - uncond)
             else:
                 out = self.unet(model_in, t, class_labels=labels).sample
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
         return self._output(x, output_type, return_dict)
 
     def _size(self) -> tuple[int, int]:

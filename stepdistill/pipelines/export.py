@@ -32,6 +32,7 @@ and/or fused into full weights (``lora_format``). Every export has a model card 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -510,6 +511,9 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
                           "ddim_trailing or lcm (DDPM/DDIM 'leading' spacing runs one step at t=0), or give the "
                           "recipe explicit timesteps")
     _check_fit(student, recipe, pipe_name, scheduler, ts)
+    if recipe.eta is not None and "eta" not in inspect.signature(pipeline_class(pipe_name).__call__).parameters:
+        raise ExportError(f"recipe {recipe.name!r} samples with eta={recipe.eta} (TCD's gamma), but {pipe_name}'s call "
+                          "takes no eta: export with the lcm recipe, or to a pipeline that passes eta to its scheduler")
     mode, scale = guidance_plan(student, recipe, pipe_name)
 
     # LoRA
@@ -534,10 +538,10 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
         extra_init["force_zeros_for_empty_prompt"] = base_index["force_zeros_for_empty_prompt"]
     if pipe_name == "ClassConditionalPipeline":
         extra_init.update(num_inference_steps=recipe.num_inference_steps, guidance_scale=scale,
-                          null_class=student.null_class)
+                          null_class=student.null_class, eta=recipe.eta)
     if pipe_name == "ImageConditionedPipeline":
         extra_init.update(num_inference_steps=recipe.num_inference_steps,
-                          source_resolution=(spec.meta or {}).get("source_resolution"))
+                          source_resolution=(spec.meta or {}).get("source_resolution"), eta=recipe.eta)
 
     tmp = _prepare_out(out_dir, overwrite)
     try:
@@ -619,16 +623,16 @@ def _scheduler_from_schedule(student: Denoiser):
 
 
 def _other_steps(recipe, scheduler, pipe_name) -> dict[int, list[float]]:
-    """What an x0-then-fresh-noise sampler (lcm, flow_lcm) runs at 1, 2, 4 and 8 steps besides the trained count:
-    consistency students are sampled at several."""
-    if recipe.sampler not in ("lcm", "flow_lcm"):
+    """What an x0-then-fresh-noise sampler (lcm, tcd, flow_lcm) runs at 1, 2, 4 and 8 steps besides the trained
+    count: consistency students are sampled at several."""
+    if recipe.sampler not in ("lcm", "tcd", "flow_lcm"):
         return {}
     other = {}
     for k in (1, 2, 4, 8):
         try:
             if k != recipe.num_inference_steps:
                 other[k] = student_timesteps(scheduler, k, pipe_name)
-        except ValueError:  # LCMScheduler: more steps than its original_inference_steps grid
+        except ValueError:  # LCM / TCDScheduler: more steps than its original_inference_steps grid
             break
     return other
 
@@ -644,6 +648,8 @@ def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variant
         kwargs["use_resolution_binning"] = False
     if pipe_name == "FluxPipeline" and spec.image_size:
         kwargs["height"] = kwargs["width"] = int(spec.image_size)
+    if recipe.eta is not None:
+        kwargs["eta"] = recipe.eta
     kwargs.update(extra or {})
     if pipe_name in ("DDPMPipeline",):
         call_input = "batch_size"
@@ -698,6 +704,8 @@ def _write_meta(folder: Path, spec: ExportSpec, info: dict) -> None:
     # the sampling defaults at the top level too, where evaluation looks first
     meta.update({"num_inference_steps": info["num_inference_steps"],
                  "guidance_scale": info["guidance"]["guidance_scale"]})
+    if info["recipe"].get("eta") is not None:
+        meta["eta"] = info["recipe"]["eta"]
     if all(float(t).is_integer() for t in info["timesteps"]):
         meta["timesteps"] = [int(t) for t in info["timesteps"]]
     if spec.num_classes is not None:

@@ -9,13 +9,18 @@ recipe             scheduler (on the teacher's noise schedule)     typical stude
 ``lcm``            LCMScheduler, ``original_inference_steps``       LCM, consistency distillation
                    grid (LCM's 50: 4 steps 999, 759, 499, 259)
 ``lcm_uniform``    LCMScheduler, ``original_inference_steps=K``    DMD2 (4 steps: 999, 749, 499, 249)
+``tcd``            TCDScheduler on the ``lcm`` grid, gamma = eta    TCD, LCM and Hyper-SD students
 ``flow_euler``     FlowMatchEulerDiscreteScheduler, fixed shift     rectified flow, SD3 / Flux students
                    (K >= 2: ``shift_terminal = 1/K``)
 ``flow_lcm``       FlowMatchLCMScheduler, same grid as flow_euler   DMD2 on flow models (x0, then fresh noise)
 =================  ==============================================  =========================================
 
 ``ddim`` is deterministic; ``lcm*`` predict x0 and re-noise with fresh noise between steps (as LCM, DMD2 and
-most multi-step generators sample); ``flow_euler`` integrates the velocity; ``flow_lcm`` is the flow-matching
+most multi-step generators sample); ``tcd`` is TCD's strategic stochastic sampling (Zheng et al. 2024): from the
+x0 and noise predictions a DDIM jump to ``s = floor((1 - gamma) t')``, then fresh noise from ``s`` up to the next
+timestep ``t'``, so gamma = 1 is ``lcm`` and gamma = 0 is deterministic (DDIM on the student); gamma is the
+recipe's ``eta``, passed as the pipeline call's ``eta`` (a stock pipeline's own default, 0, would make it
+deterministic). ``flow_euler`` integrates the velocity; ``flow_lcm`` is the flow-matching
 ``lcm``: ``x0 = x - sigma u``, then ``(1 - sigma') x0 + sigma' z`` with fresh ``z`` (stock pipelines such as
 ``StableDiffusion3Pipeline`` draw that ``z`` from torch's global generator, not from their ``generator``).
 A recipe may also name the paper's ``timesteps``: they are matched to a stock scheduler config (for example
@@ -34,10 +39,11 @@ import numpy as np
 from ..config import ConfigError
 from .sampling import student_timesteps
 
-SAMPLERS = ("ddim", "lcm", "flow_euler", "flow_lcm")
+SAMPLERS = ("ddim", "lcm", "tcd", "flow_euler", "flow_lcm")
 FLOW_SAMPLERS = ("flow_euler", "flow_lcm")
-SCHEDULER_CLASS = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler",
-                   "flow_lcm": "FlowMatchLCMScheduler"}
+SCHEDULER_CLASS = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler",
+                   "flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_lcm": "FlowMatchLCMScheduler"}
+TCD_GAMMA = 0.3  # TCD's default gamma (TCDScheduler.step's eta)
 # what every exported VP scheduler fixes: the student's output is used as is (no clipping / thresholding)
 _VP_FIXED = {"clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
 _NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -65,6 +71,8 @@ RECIPES: dict[str, tuple[str, object, str]] = {
             "are then 999, 759, 499, 259): x0, then fresh noise"),
     "lcm_uniform": ("lcm", _uniform_lcm, "LCMScheduler with original_inference_steps = K: evenly spaced steps, x0 "
                     "then fresh noise (4 steps: 999, 749, 499, 249, as DMD2)"),
+    "tcd": ("tcd", lambda k: {}, "TCDScheduler on its original_inference_steps grid (as lcm): a DDIM jump with the "
+            "student's x0 and noise to (1 - gamma) t', then fresh noise up to t'; gamma = the call's eta"),
     "flow_euler": ("flow_euler", _flow_terminal, "FlowMatchEulerDiscreteScheduler (Euler on the velocity) with a "
                    "fixed shift; K >= 2 steps end at sigma = 1/K"),
     "flow_lcm": ("flow_lcm", _flow_terminal, "FlowMatchLCMScheduler: x0 = x - sigma u, then fresh noise to the next "
@@ -87,10 +95,18 @@ class Recipe:
     scheduler_config: dict = field(default_factory=dict)
     custom_scheduler: bool = False
     description: str = ""
+    eta: float | None = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ExportError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.sampler == "tcd":
+            self.eta = TCD_GAMMA if self.eta is None else float(self.eta)
+            if not 0 <= self.eta <= 1:
+                raise ExportError(f"recipe {self.name!r}: eta is TCD's gamma and must be in [0, 1], not {self.eta}")
+        elif self.eta is not None:
+            raise ExportError(f"recipe {self.name!r} ({self.sampler}) takes no eta: eta is TCD's gamma (the tcd "
+                              "sampler)")
         if self.timesteps is not None:
             self.timesteps = [int(t) for t in self.timesteps]
             if self.num_inference_steps not in (1, len(self.timesteps)) or not self.timesteps:
@@ -125,7 +141,7 @@ class Recipe:
         if self.sampler in FLOW_SAMPLERS:
             if not is_flow:
                 raise ExportError(f"recipe {self.name!r} ({self.sampler}) needs a flow-matching student; this one has "
-                                  "a VP (DDPM-type) schedule: use ddim, ddim_trailing, lcm or lcm_uniform")
+                                  "a VP (DDPM-type) schedule: use ddim, ddim_trailing, lcm, lcm_uniform or tcd")
             if self.timesteps is not None:
                 raise ExportError(f"explicit timesteps are not supported for {self.sampler}: shape the grid with "
                                   "scheduler_config (shift, shift_terminal) and check it with student_timesteps")
@@ -161,14 +177,14 @@ class Recipe:
 
 
 def get_recipe(name: str, steps: int = 1, guidance_scale: float | None = None, timesteps=None,
-               custom_scheduler: bool = False, **scheduler_config) -> Recipe:
-    """A named recipe (see :data:`RECIPES`) for ``steps`` steps."""
+               custom_scheduler: bool = False, eta: float | None = None, **scheduler_config) -> Recipe:
+    """A named recipe (see :data:`RECIPES`) for ``steps`` steps (``eta``: TCD's gamma, for ``tcd``)."""
     if name not in RECIPES:
         raise ExportError(f"unknown export recipe {name!r}; available: {', '.join(RECIPES)}")
     sampler, _, description = RECIPES[name]
     return Recipe(name=name, sampler=sampler, num_inference_steps=steps, guidance_scale=guidance_scale,
                   timesteps=list(timesteps) if timesteps is not None else None, scheduler_config=scheduler_config,
-                  custom_scheduler=custom_scheduler, description=description)
+                  custom_scheduler=custom_scheduler, description=description, eta=eta)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -238,7 +254,8 @@ def _pipeline_class(pipeline):
 
 
 def _lcm_grid(total: int, original: int, k: int) -> list[int]:
-    """LCMScheduler's timesteps for k steps with ``original_inference_steps`` (its set_timesteps, in numpy)."""
+    """LCMScheduler's (and TCDScheduler's) timesteps for k steps with ``original_inference_steps`` (their
+    set_timesteps, in numpy)."""
     if k > original:
         return []
     origin = (np.arange(1, original + 1) * (total // original) - 1)[::-1]
@@ -261,9 +278,10 @@ def _match_timesteps(recipe: Recipe, cfg: dict, pipeline):
     target = recipe.timesteps
     k, total = len(target), int(cfg.get("num_train_timesteps", 1000))
     candidates = []  # (class, config, predicted timesteps)
-    if recipe.sampler == "lcm":
+    if recipe.sampler in ("lcm", "tcd"):  # TCDScheduler picks its timesteps as LCMScheduler does
         for original in range(k, total + 1):
-            candidates.append(("LCMScheduler", {"original_inference_steps": original}, _lcm_grid(total, original, k)))
+            candidates.append((SCHEDULER_CLASS[recipe.sampler], {"original_inference_steps": original},
+                               _lcm_grid(total, original, k)))
     if recipe.sampler == "ddim" or k == 1:  # one step of LCM is one DDIM step (x0), up to LCM's tiny c_skip
         candidates += [("DDIMScheduler", c, ts) for c, ts in _ddim_grids(total, k)]
     tried = []

@@ -13,6 +13,11 @@ Updates (x_t = alpha_t x0 + sigma_t eps for VP; x = (1 - s) x0 + s eps for flow)
 - ``LCMScheduler`` (and :class:`~stepdistill.pipelines.schedulers.StudentLCMScheduler`): the boundary-condition
   output ``c_skip x + c_out x0`` (``c_skip = s_d^2 / ((10 t)^2 + s_d^2)``, ``c_out = 10 t / sqrt((10 t)^2 + s_d^2)``,
   ``s_d = 0.5``, 10 = ``timestep_scaling``), then fresh noise to the next listed timestep; the last step returns it.
+- ``TCDScheduler`` with gamma = ``eta`` (Zheng et al. 2024, strategic stochastic sampling): with the network's x0
+  and eps, a DDIM jump to ``s = floor((1 - gamma) t')``, ``x_s = alpha_s x0 + sigma_s eps``, where ``t'`` is the next
+  listed timestep (0 after the last), then fresh noise from ``s`` up to ``t'``:
+  ``x' = sqrt(abar_t' / abar_s) x_s + sqrt(1 - abar_t' / abar_s) z``; the last step returns ``x_s`` at ``s = 0``
+  (``alphas_cumprod[0]``, not 1). No boundary scalings: the network's output is used as is.
 - ``FlowMatchEulerDiscreteScheduler``: Euler in sigma, ``x_next = x + (s_next - s) u``, ending at s = 0.
 - ``FlowMatchLCMScheduler``: ``x0 = x - s u``, then fresh noise to the next sigma, ``(1 - s_next) x0 + s_next z``;
   the last step returns x0. (``StableDiffusion3Pipeline`` does not hand its ``generator`` to ``step``: its ``z``
@@ -36,19 +41,23 @@ def _name(obj) -> str | None:
 
 
 def sampler_of(scheduler) -> str:
-    """The update rule of a scheduler: ``ddim``, ``lcm``, ``flow_euler`` or ``flow_lcm``; an error otherwise."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler
+    """The update rule of a scheduler: ``ddim``, ``lcm``, ``tcd``, ``flow_euler`` or ``flow_lcm``; an error
+    otherwise."""
+    from diffusers import (DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler,
+                           TCDScheduler)
 
     if isinstance(scheduler, LCMScheduler):
         return "lcm"
+    if isinstance(scheduler, TCDScheduler):
+        return "tcd"
     if isinstance(scheduler, DDIMScheduler):
         return "ddim"
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return "flow_euler"
     if isinstance(scheduler, FlowMatchLCMScheduler):
         return "flow_lcm"
-    raise ValueError(f"stepdistill reproduces DDIMScheduler, LCMScheduler, FlowMatchEulerDiscreteScheduler and "
-                     f"FlowMatchLCMScheduler sampling; {type(scheduler).__name__} is not supported")
+    raise ValueError(f"stepdistill reproduces DDIMScheduler, LCMScheduler, TCDScheduler, FlowMatchEulerDiscrete"
+                     f"Scheduler and FlowMatchLCMScheduler sampling; {type(scheduler).__name__} is not supported")
 
 
 def _fresh(scheduler):
@@ -91,12 +100,14 @@ def _abar(scheduler, t: int) -> float:
 
 @torch.no_grad()
 def sample_student(denoiser, scheduler, noise: torch.Tensor, num_steps: int, cond=None, *, guidance_scale=None,
-                   generator: torch.Generator | None = None, pipeline=None, timesteps=None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, pipeline=None, timesteps=None,
+                   eta: float | None = None) -> torch.Tensor:
     """Sample ``denoiser`` from ``noise`` as the exported pipeline does with ``scheduler`` for ``num_steps`` steps.
 
     ``cond`` / ``guidance_scale`` go to the Denoiser (CFG in the standard form; guidance-embedded students take
-    ``cond.guidance``). ``generator`` draws the fresh noise of multi-step LCM sampling, in the pipeline's order
-    (so the same seed gives the same images as the pipeline). Returns the final latents / images (float32).
+    ``cond.guidance``). ``generator`` draws the fresh noise of multi-step LCM / TCD sampling, in the pipeline's
+    order (so the same seed gives the same images as the pipeline). ``eta``: TCD's gamma (the pipeline call's
+    ``eta``; default 0.3, TCDScheduler's). Returns the final latents / images (float32).
     """
     sampler = sampler_of(scheduler)
     ts = list(timesteps) if timesteps is not None else student_timesteps(scheduler, num_steps, pipeline)
@@ -131,6 +142,21 @@ def sample_student(denoiser, scheduler, noise: torch.Tensor, num_steps: int, con
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
             a_p = _abar(scheduler, int(t) - step)
             x = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
+        return x
+    if sampler == "tcd":
+        gamma = 0.3 if eta is None else float(eta)
+        for i, t in enumerate(ts):
+            x0 = predict(x, t, "sample")
+            a_t = _abar(scheduler, int(t))
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
+            s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # as TCDScheduler rounds it (float32)
+            a_s = _abar(scheduler, s)
+            x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+            if gamma > 0 and i + 1 < len(ts):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                ratio = _abar(scheduler, t_next) / a_s
+                x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * z
         return x
     # lcm
     scaling = scheduler.config.get("timestep_scaling", 10.0)

@@ -126,6 +126,11 @@ class ConsistencyConfig:
     target_ema: float = 0.95  # the target network's EMA decay (LCM); lcm_lora: 0 = no target network (the paper)
     timestep_scaling: float = 10.0
     student_steps: int = 4  # the exported LCMScheduler's steps (the student also samples at 1, 2, ...)
+    # the exported scheduler (VP teachers): LCMScheduler, or TCDScheduler (TCD's strategic stochastic sampling: a
+    # DDIM jump to (1 - tcd_gamma) t', then fresh noise up to t'; gamma 1 = lcm, 0 = deterministic), its gamma
+    # passed as the call's eta
+    sampler: Literal["lcm", "tcd"] = "lcm"
+    tcd_gamma: float = 0.3
     # the exported pipeline's timesteps, student_steps of them on the solver grid (e.g. [999, 899, 799, 699]);
     # None: LCMScheduler's own pick. With no stock LCMScheduler config that runs them, the export uses
     # stepdistill's StudentLCMScheduler (its folder then loads with trust_remote_code=True)
@@ -159,6 +164,8 @@ class ConsistencyConfig:
             if len(ts) != self.student_steps or any(b >= a for a, b in zip(ts, ts[1:])):
                 raise ConfigError(f"objective.sample_timesteps must be objective.student_steps={self.student_steps} "
                                   f"decreasing timesteps, not {ts}: set student_steps to their number")
+        if not 0 <= self.tcd_gamma <= 1:
+            raise ConfigError(f"objective.tcd_gamma is TCD's gamma and must be in [0, 1], not {self.tcd_gamma}")
         if self.adv_weight < 0 or self.disc_width < 1 or self.disc_downsamplings < 1:
             raise ConfigError("objective.adv_weight must be >= 0, disc_width and disc_downsamplings >= 1")
 
@@ -235,9 +242,10 @@ class ConsistencyObjective(Objective):
         if self.schedule.kind == "flow":
             # flow teachers: the grid is N points of the teacher's shifted sigma schedule; the consistency function
             # is the x0 prediction x - sigma u itself (it equals x at sigma = 0); exported with FlowMatchLCMScheduler
-            if config.sample_timesteps is not None:
-                raise ConfigError("objective.sample_timesteps is for VP (DDPM-type) teachers; a flow student's "
-                                  "timesteps follow its sigma grid (num_ddim_timesteps, student_steps)")
+            if config.sample_timesteps is not None or config.sampler == "tcd":
+                raise ConfigError("objective.sample_timesteps and sampler: tcd are for VP (DDPM-type) teachers; a "
+                                  "flow student samples with FlowMatchLCMScheduler on its sigma grid "
+                                  "(num_ddim_timesteps, student_steps)")
             n = config.num_ddim_timesteps
             sigmas = self.schedule.shift_sigma(torch.arange(1, n + 1, dtype=torch.float64) / n)
             self.grid = (sigmas * total).tolist()
@@ -254,10 +262,12 @@ class ConsistencyObjective(Objective):
             if off_grid:
                 raise ConfigError(f"objective.sample_timesteps {off_grid} are not on the solver grid the student is "
                                   f"trained at ({self.grid[0]}, {self.grid[1]}, ..., {self.grid[-1]})")
-            # exported with LCMScheduler on the training grid; a guidance-embedded student is called at the middle
-            # of its trained range unless the user asks for another scale
-            self.recipe = get_recipe("lcm", config.student_steps, guidance, timesteps=config.sample_timesteps,
-                                     custom_scheduler=config.sample_timesteps is not None,
+            # exported with LCMScheduler (or TCDScheduler) on the training grid; a guidance-embedded student is
+            # called at the middle of its trained range unless the user asks for another scale
+            tcd = config.sampler == "tcd"
+            self.recipe = get_recipe(config.sampler, config.student_steps, guidance, timesteps=config.sample_timesteps,
+                                     custom_scheduler=config.sample_timesteps is not None and not tcd,
+                                     eta=config.tcd_gamma if tcd else None,
                                      original_inference_steps=config.num_ddim_timesteps,
                                      timestep_scaling=config.timestep_scaling)
 
@@ -422,14 +432,24 @@ class ConsistencyObjective(Objective):
 
     @torch.no_grad()
     def sample(self, batch, generator=None):
-        """The exported scheduler's sampling: x0 from the consistency function, fresh noise to the next step."""
+        """The exported scheduler's sampling: x0 from the consistency function, fresh noise to the next step
+        (``sampler: tcd``: TCDScheduler's steps)."""
         x, cond = self._sample_inputs(batch["batch_size"], generator)
+        if self.recipe.sampler == "tcd":
+            return self.sample_tcd(x, cond, generator)
         ts = self.sample_timesteps()
         for i, t in enumerate(ts):
             tt = torch.full((x.shape[0],), float(t), device=x.device)
             x0 = self.f(x, self.student(x, tt, cond), tt)
             x = x0 if i == len(ts) - 1 else self.schedule.add_noise(x0, torch.randn_like(x0), float(ts[i + 1]))
         return x.clamp(-1, 1)
+
+    def sample_tcd(self, x: torch.Tensor, cond: Cond, generator=None) -> torch.Tensor:
+        from ..pipelines.sampling import sample_student
+
+        scheduler = self.recipe.make_scheduler(self.teacher_scheduler, self.student.prediction_type)
+        return sample_student(self.student, scheduler, x, self.recipe.num_inference_steps, cond,
+                              generator=generator, eta=self.recipe.eta).clamp(-1, 1)
 
     def sample_timesteps(self) -> list[float]:
         from ..pipelines.sampling import student_timesteps

@@ -42,9 +42,12 @@ class TSCDConfig(ConsistencyConfig):
     ``stage_starts`` (default: train.max_steps split evenly). The solver grid (``num_ddim_timesteps``) must split
     evenly into every segment count: 40 steps by default. Exported with DDIM at trailing timesteps, in the k steps
     of the stage the exported checkpoint ends (``student_steps`` for k = 1): as Hyper-SD ships one model per step
-    count, a checkpoint at the end of the k = 4 stage is the 4-step model."""
+    count, a checkpoint at the end of the k = 4 stage is the 4-step model. ``sampler: tcd`` exports TCDScheduler
+    on the same timesteps instead (gamma ``tcd_gamma``; at 0 it is DDIM), as Hyper-SD samples its one-step model
+    in several steps."""
 
     num_ddim_timesteps: int = 40
+    sampler: Literal["ddim_trailing", "tcd"] = "ddim_trailing"
     segments: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
     stage_starts: list[int] | None = None
     loss: Literal["l2", "huber"] = "huber"
@@ -94,11 +97,15 @@ class TSCDObjective(ConsistencyObjective):
         self.recipe = self.stage_recipe(config.segments[-1])
 
     def stage_recipe(self, segments: int):
-        """DDIM at trailing timesteps, one step per segment (``student_steps`` once there is one segment)."""
+        """DDIM at trailing timesteps, one step per segment (``student_steps`` once there is one segment); or
+        TCDScheduler on the solver grid, whose k steps are the same trailing timesteps."""
         from ..pipelines import get_recipe
 
-        return get_recipe("ddim_trailing", segments if segments > 1 else self.config.student_steps,
-                          self.recipe_guidance)
+        steps = segments if segments > 1 else self.config.student_steps
+        if self.config.sampler == "tcd":
+            return get_recipe("tcd", steps, self.recipe_guidance, eta=self.config.tcd_gamma,
+                              original_inference_steps=self.config.num_ddim_timesteps)
+        return get_recipe("ddim_trailing", steps, self.recipe_guidance)
 
     def set_step(self, steps_done):
         self.recipe = self.stage_recipe(self.segments_at(max(steps_done - 1, 0)))
@@ -137,5 +144,7 @@ class TSCDObjective(ConsistencyObjective):
         from ..solvers import sample as solve
 
         x, cond = self._sample_inputs(batch["batch_size"], generator)
+        if self.recipe.sampler == "tcd":
+            return self.sample_tcd(x, cond, generator)
         return solve(lambda xx, tt: self.student(xx, tt, cond), self.schedule, x,
                      self.sample_timesteps()).clamp(-1, 1)
