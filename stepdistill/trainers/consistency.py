@@ -264,8 +264,9 @@ class ConsistencyObjective(Objective):
                                   f"trained at ({self.grid[0]}, {self.grid[1]}, ..., {self.grid[-1]})")
             # exported with LCMScheduler (or TCDScheduler) on the training grid; a guidance-embedded student is
             # called at the middle of its trained range unless the user asks for another scale
-            tcd = config.sampler == "tcd"
-            self.recipe = get_recipe(config.sampler, config.student_steps, guidance, timesteps=config.sample_timesteps,
+            tcd = config.sampler == "tcd"  # (tscd's ddim_trailing is its own stage_recipe's)
+            self.recipe = get_recipe("tcd" if tcd else "lcm", config.student_steps, guidance,
+                                     timesteps=config.sample_timesteps,
                                      custom_scheduler=config.sample_timesteps is not None and not tcd,
                                      eta=config.tcd_gamma if tcd else None,
                                      original_inference_steps=config.num_ddim_timesteps,
