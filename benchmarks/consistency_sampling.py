@@ -52,7 +52,8 @@ def main():
     p.add_argument("pipeline", type=Path, help="an exported consistency student")
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--schedules", default=";".join(SCHEDULES),
-                   help="4-step timesteps to score, separated by ';' (default: %(default)s); 'none' for none")
+                   help="timesteps to score (4 of them, or any number), separated by ';' (default: %(default)s); "
+                        "'none' for none")
     p.add_argument("--etas", default="", help="a TCD export's gammas to score at 4 steps, e.g. 0,0.3,0.6")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/consistency_sampling"))
     args = p.parse_args()
@@ -72,13 +73,13 @@ def main():
             fids.setdefault(f"{r['nfe']} ({scheduler})", []).append(r["fid"])
         for ts in schedules:
             (r,) = score(args.pipeline, seed, "4", ts, args.out, log)
-            fids.setdefault(f"4 ({ts.replace(',', ', ')})", []).append(r["fid"])
+            fids.setdefault(f"{len(ts.split(','))} ({ts.replace(',', ', ')})", []).append(r["fid"])
         for eta in etas:
             (r,) = score(args.pipeline, seed, "4", None, args.out, log, eta)
             fids.setdefault(f"4 ({scheduler}, gamma {eta})", []).append(r["fid"])
             for ts in schedules:
                 (r,) = score(args.pipeline, seed, "4", ts, args.out, log, eta)
-                fids.setdefault(f"4 ({ts.replace(',', ', ')}, gamma {eta})", []).append(r["fid"])
+                fids.setdefault(f"{len(ts.split(','))} ({ts.replace(',', ', ')}, gamma {eta})", []).append(r["fid"])
         print(f"seed {seed} done", flush=True)
     teacher = statistics.mean(fids["teacher DDIM, 64"])
     rows = [{"steps": k, "fid": v, "mean": statistics.mean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
