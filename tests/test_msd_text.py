@@ -95,6 +95,7 @@ def test_export_routes_each_prompt_to_its_student(sd, tmp_path):
     info = json.loads((folder / "stepdistill.json").read_text())["export"]
     assert info["pipeline"] == "MultiStudentTextPipeline" and info["trust_remote_code"]
     assert [s["keywords"] for s in info["students"]] == KEYWORDS
+    assert f"| base model | {run.model.source} |" in (folder / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert isinstance(pipe, MultiStudentTextPipeline) and len(pipe.unet.students) == 2
     pipe.set_progress_bar_config(disable=True)

@@ -124,7 +124,7 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
     try:
         first = ex.ExportSpec(student=spec.students[0], recipe=spec.recipe, base_scheduler=spec.base_scheduler,
                               base_folder=spec.base_folder, method=spec.method, timesteps=spec.timesteps,
-                              meta=spec.meta)
+                              meta=spec.meta, base_model=spec.base_model)
         ex.export_pipeline(first, None, staging / "pipe", overwrite=True)
         folder = staging / "pipe"
         info = json.loads((folder / ex.META_FILE).read_text())
