@@ -82,3 +82,28 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
         theirs = pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=steps, output_type="pt",
                       generator=torch.Generator().manual_seed(5)).images
         torch.testing.assert_close(theirs, (mine / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_path):
+    run = ict_run(tmp_path)
+    run.objective.dropout = 0.3
+    o = build_trainer(run).objective
+    assert o.model.backbone.config.dropout == 0.3
+    assert 0.3 in {m.p for m in o.model.modules() if isinstance(m, torch.nn.Dropout)}  # the resnets'
+
+    class DropOnes(torch.nn.Module):  # output = a dropout mask: pred equals target only if the masks agree
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x, sigma, cond=None):
+            return self.drop(torch.ones_like(x))
+
+    o.model = DropOnes().train()
+    batch = {"image": torch.randn(8, 1, 8, 8)}
+    loss, _ = o.loss(o.phases()[0], batch, step=0)
+    assert float(loss) == 0.0
+    bad = ict_run(tmp_path / "bad")
+    bad.objective.dropout = 1.0
+    with pytest.raises(Exception, match="objective.dropout"):
+        bad.objective.validate()
