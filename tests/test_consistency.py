@@ -113,6 +113,36 @@ def test_lcm_lora_trains_adapters_on_the_shared_teacher_without_a_target(tmp_pat
         build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora", lora_rank=0))
 
 
+def test_lcm_lora_targets_choose_the_adapted_modules_and_export_for_load_lora_weights(tmp_path, teacher_folder):
+    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+
+    targets = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
+    trainer = build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, lora_targets=targets))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in trainer.objective.student.named_parameters() if ".lora_A" in n}
+    assert any(n.endswith("conv_shortcut") for n in adapted) and any("downsamplers.0.conv" in n for n in adapted)
+    assert not any("to_q" in n or "time_emb_proj" in n for n in adapted)
+    trainer.train(resume=None)
+    folder = export_run(trainer.output_dir, tmp_path / "export")  # the LoRA file on the base weights
+    fused = ClassConditionalPipeline.from_pretrained(export_run(trainer.output_dir, tmp_path / "fused",
+                                                                lora_format="fused"))
+    plain = ClassConditionalPipeline.from_pretrained(folder)
+    lora = ClassConditionalPipeline.from_pretrained(folder)
+    lora.load_lora_weights(folder)
+
+    def sample(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(class_labels=torch.tensor([1, 2]), num_inference_steps=4, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    torch.testing.assert_close(sample(lora), sample(fused), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(sample(lora), sample(plain))
+    with pytest.raises(ConfigError, match="objective.lora_targets.*nope"):
+        build_trainer(lcm_run(tmp_path / "x", teacher_folder, method="lcm_lora", lora_rank=4, lora_targets=["nope"]))
+    with pytest.raises(ConfigError, match="lora_targets are for a LoRA student"):
+        build_trainer(lcm_run(tmp_path / "y", teacher_folder, lora_targets=["conv1"]))
+
+
 def test_lcm_lora_target_ema_is_an_ema_of_the_adapters_on_the_shared_base(tmp_path, teacher_folder):
     def run(folder, max_steps):
         r = lcm_run(tmp_path / folder, teacher_folder, method="lcm_lora", lora_rank=4, target_ema=0.9,

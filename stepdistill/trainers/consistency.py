@@ -136,6 +136,9 @@ class ConsistencyConfig:
     # stepdistill's StudentLCMScheduler (its folder then loads with trust_remote_code=True)
     sample_timesteps: list[int] | None = None
     lora_rank: int = 0  # lcm_lora: LoRA rank on the frozen teacher (LCM-LoRA: 64)
+    # lcm_lora: the modules that get adapters (peft's target_modules); None: the backbone's list in
+    # stepdistill.denoiser.DEFAULT_LORA_TARGETS
+    lora_targets: list[str] | None = None
     adv_weight: float = 0.0  # the adversarial term's weight on the student (0: none; SCott's optional term, acd)
     disc_width: int = 64  # the PatchGAN discriminator's first-layer channels
     disc_downsamplings: int = 2  # its strided convolutions (16x16 digits -> 4x4 patches)
@@ -155,6 +158,8 @@ class ConsistencyConfig:
             raise ConfigError("objective.solver_eta must be in [0, 1] and solver_substeps >= 1")
         if self.solver_eta > 0 and self.solver != "ddim":
             raise ConfigError("objective.solver_eta is DDIM's noise strength: use solver ddim with it")
+        if self.lora_targets is not None and not self.lora_rank:
+            raise ConfigError("objective.lora_targets are for a LoRA student: set objective.lora_rank (method lcm_lora)")
         if not 0 <= self.target_ema < 1:
             raise ConfigError(f"objective.target_ema must be in [0, 1), not {self.target_ema}")
         if self.student_steps < 1 or self.student_steps > self.num_ddim_timesteps:
@@ -231,7 +236,10 @@ class ConsistencyObjective(Objective):
         elif config.lora_rank:
             from .dmd import trainable_copy
 
-            self.student = trainable_copy(teacher, config.lora_rank)
+            try:
+                self.student = trainable_copy(teacher, config.lora_rank, config.lora_targets)
+            except ValueError as exc:
+                raise ConfigError(f"objective.lora_targets: {exc}") from None
         else:
             self.student = teacher.clone(trainable=True)
         self.target = self._make_target()

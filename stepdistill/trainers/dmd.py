@@ -77,12 +77,12 @@ class DiscriminatorHead(torch.nn.Module):
         return self.net(features.float()).flatten(1).mean(1)
 
 
-def trainable_copy(teacher: Denoiser, lora_rank: int = 0) -> Denoiser:
+def trainable_copy(teacher: Denoiser, lora_rank: int = 0, lora_targets: list[str] | None = None) -> Denoiser:
     """A trainable network initialised from the teacher: a full copy, or LoRA of ``lora_rank`` on the teacher's
-    own (frozen, shared) weights."""
+    own (frozen, shared) weights (on ``lora_targets``, default the backbone's usual modules)."""
     if not lora_rank:
         return teacher.clone(trainable=True)
-    return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank)
+    return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank, target_modules=lora_targets)
 
 
 def _regression_lpips(cfg, channels: int):
