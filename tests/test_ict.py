@@ -1,5 +1,6 @@
 """iCT: grid, curriculum, lognormal index distribution, scalings against CMStochasticIterativeScheduler, the loss
 against its formula, training from data alone, and the stock ConsistencyModelPipeline export."""
+import logging as pylogging
 import math
 
 import pytest
@@ -83,6 +84,27 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
                       generator=torch.Generator().manual_seed(5)).images
         torch.testing.assert_close(theirs, (mine / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
 
+    # stepdistill eval's sampler runs the stock pipeline at other timesteps (--timesteps), without its warning about
+    # num_inference_steps given with timesteps
+    from diffusers.utils import logging as dlogging
+
+    from stepdistill.metrics.samplers import load_eval_model
+
+    model = load_eval_model(str(folder))
+    model.use_timesteps([5, 0])
+    warnings = []
+    handler = type("H", (pylogging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})()
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_warning()
+    dlogging.get_logger("diffusers").addHandler(handler)
+    try:
+        images = model.sample([0, 1], nfe=2, seed=3)
+    finally:
+        dlogging.get_logger("diffusers").removeHandler(handler)
+        dlogging.set_verbosity(level)
+    assert not any("num_inference_steps" in w for w in warnings)
+    default = load_eval_model(str(folder)).sample([0, 1], nfe=2, seed=3)
+    assert images.shape == default.shape and not torch.allclose(images, default)
 
 def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_path):
     run = ict_run(tmp_path)

@@ -87,6 +87,8 @@ class EvalModel:
         kwargs = {"generator": sample_generators(indices, seed), "output_type": "np"}
         if self.timesteps is not None and nfe == len(self.timesteps) and "timesteps" in p:
             kwargs["timesteps"] = list(self.timesteps)
+            if "num_inference_steps" in p:  # not the call's default too (ConsistencyModelPipeline warns on both)
+                kwargs["num_inference_steps"] = None
         else:
             kwargs["num_inference_steps"] = nfe
         if self.sources is not None:
