@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler
 
-from stepdistill.config import resolve
+from stepdistill.config import ConfigError, resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.ict import (cm_scalings, discretization_steps, ict_loss, karras_sigmas,
                                      lognormal_index_probs)
@@ -93,7 +93,12 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
     model = load_eval_model(str(folder))
     model.use_timesteps([5, 0])
     warnings = []
-    handler = type("H", (pylogging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})()
+
+    class Record(pylogging.Handler):  # diffusers' loggers do not propagate to pytest's caplog
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    handler = Record()
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_warning()
     dlogging.get_logger("diffusers").addHandler(handler)
@@ -105,6 +110,7 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
     assert not any("num_inference_steps" in w for w in warnings)
     default = load_eval_model(str(folder)).sample([0, 1], nfe=2, seed=3)
     assert images.shape == default.shape and not torch.allclose(images, default)
+
 
 def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_path):
     run = ict_run(tmp_path)
@@ -127,5 +133,5 @@ def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_pa
     assert float(loss) == 0.0
     bad = ict_run(tmp_path / "bad")
     bad.objective.dropout = 1.0
-    with pytest.raises(Exception, match="objective.dropout"):
+    with pytest.raises(ConfigError, match="objective.dropout"):
         bad.objective.validate()
