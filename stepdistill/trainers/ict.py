@@ -26,6 +26,7 @@ import torch
 from ..conditioning import Cond
 from . import register
 from .base import Objective, Phase
+from .checkpoint import rng_state, set_rng_state
 
 
 # ------------------------------------------------------------------------------------------------ the math
@@ -66,16 +67,6 @@ def ict_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, c: 
     """``mean_b lambda_b (sqrt(||pred_b - sg(target_b)||^2 + c^2) - c)`` (iCT Eq. 5 with the pseudo-Huber metric)."""
     sq = ((pred.float() - target.detach().float()) ** 2).flatten(1).sum(1)
     return (weight.float() * (torch.sqrt(sq + c * c) - c)).mean()
-
-
-def _rng_state(device: torch.device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 class ConsistencyModel(torch.nn.Module):
@@ -176,10 +167,10 @@ class ICTObjective(Objective):
         z = torch.randn_like(x)
         cond = Cond.from_batch(batch)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        rng = _rng_state(x.device)
+        rng = rng_state()
         pred = self.model(x + s_hi.float().view(shape) * z, s_hi, cond)
         with torch.no_grad():  # the target: the same weights and dropout mask, one grid point lower, stop-gradient
-            _set_rng_state(rng, x.device)
+            set_rng_state(rng)
             target = self.model(x + s_lo.float().view(shape) * z, s_lo, cond)
         loss = ict_loss(pred, target, 1.0 / (s_hi - s_lo), self.huber_c)
         return loss, {"ict": loss.detach(), "N": torch.tensor(float(n_points))}
