@@ -135,6 +135,8 @@ def _coerce(value, tp, key: str):
                 errors.append(exc)
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            return "no"
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value

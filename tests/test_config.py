@@ -60,3 +60,10 @@ def test_unknown_top_level_key_lists_allowed():
     with pytest.raises(ConfigError) as err:
         resolve({"method": "teacher", "outptu_dir": "x"})
     assert "outptu_dir" in str(err.value) and "output_dir" in str(err.value)
+
+
+def test_a_bare_yaml_no_is_the_string_no(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
