@@ -28,6 +28,8 @@ class ModelConfig:
     ``source``: a local Diffusers folder, a Hub id (read from the local cache; offline, a missing model is
     an error saying how to get it), or ``digits-teacher`` (the shipped teacher). For teacher training,
     ``source`` is empty and ``backbone``/``backbone_config``/``scheduler_config`` describe a new model.
+    ``attention``: ``sdpa`` (PyTorch's scaled-dot-product attention, Diffusers' default) or ``xformers`` (its
+    memory-efficient kernels; CUDA only, ``pip install -e ".[xformers]"``).
     """
 
     source: str = "digits-teacher"
@@ -40,6 +42,7 @@ class ModelConfig:
     scheduler: str = "DDPMScheduler"
     scheduler_config: dict = field(default_factory=dict)
     prediction_type: str | None = None
+    attention: Literal["sdpa", "xformers"] = "sdpa"
 
 
 @dataclass
@@ -80,6 +83,7 @@ class TrainConfig:
     batch_size: int = 64
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
     seed: int = 0
     threads: int | None = None
     checkpoint_every: int = 500

@@ -583,13 +583,21 @@ def prompt_dataset(cfg, model_cfg, cache_dir: str | Path | None = None) -> "Prom
             channels = int(_config_value(vae.config, "in_channels") or 3)
     data = PromptDataset(records, encoder, cache_dir, resolution=resolution, channels=channels)
     if vae is not None:
-        data.with_latents(vae, cache_path=Path(cache_dir) / "latents" if cache_dir is not None else None)
+        latents_path = Path(cache_dir) / "latents" if cache_dir is not None else None
+        data.with_latents(vae.to(_local_device()), cache_path=latents_path)
     return data
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Cached VAE latents
 # --------------------------------------------------------------------------------------------------------------
+
+def _local_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun / accelerate launch) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
 
 def _config_value(config, name):
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)

@@ -2,6 +2,7 @@
 teacher, and new backbones built from a config for teacher training."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -197,6 +198,22 @@ def build_model(cfg: ModelConfig, meta: dict | None = None) -> LoadedModel:
     if cfg.dtype != "float32":
         backbone = backbone.to(DTYPES[cfg.dtype])
     return LoadedModel(_make_denoiser(backbone, scheduler, cfg, meta), scheduler, None, meta)
+
+
+def set_attention(backbone, attention: str) -> None:
+    """``sdpa``: Diffusers' default processors (PyTorch SDPA); ``xformers``: xformers' memory-efficient kernels."""
+    if attention == "sdpa":
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise ModelLoadError('model.attention=xformers needs xformers: pip install -e ".[xformers]", or use '
+                             "model.attention=sdpa")
+    if not torch.cuda.is_available():
+        raise ModelLoadError("model.attention=xformers runs on CUDA GPUs only; use model.attention=sdpa here")
+    try:
+        backbone.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xformers reports a missing kernel or build mismatch in several exception types
+        raise ModelLoadError(f"xformers attention does not work for {type(backbone).__name__} here ({exc}); use "
+                             "model.attention=sdpa") from exc
 
 
 def _make_denoiser(backbone, scheduler, cfg: ModelConfig, meta: dict) -> Denoiser:

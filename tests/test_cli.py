@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from stepdistill.cli import main
-from stepdistill.config import ModelConfig
+from stepdistill.config import ConfigError, ModelConfig, load_config
 from stepdistill.models import ModelLoadError, check_resolution, load_model
 from tiny import tiny_teacher_raw
 
@@ -86,6 +86,19 @@ def test_model_sources(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="holds no Diffusers denoiser"):
         load_model(ModelConfig(source=str(tmp_path / "empty")))
+
+
+def test_xformers_attention_without_xformers_or_a_gpu_is_a_clear_error(tiny_teacher_config):
+    from stepdistill.trainers import build_trainer
+
+    run = tiny_teacher_config()
+    run.model.attention = "xformers"
+    # this suite runs on the CPU (conftest), so xformers is refused whether or not it is installed
+    with pytest.raises(ModelLoadError, match="model.attention=xformers (needs xformers|runs on CUDA GPUs only)"):
+        build_trainer(run)
+    with pytest.raises(ConfigError, match="model.attention: 'flash' is not allowed"):
+        load_config(None, ["model.attention=flash"])
+
 
 
 def test_local_pipeline_folder_and_hub_cache_layout(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.config import OptimConfig, RunConfig, TrainConfig
+from stepdistill.config import ConfigError, OptimConfig, RunConfig, TrainConfig
 from stepdistill.data import TensorImages
 from stepdistill.trainers import Callback, DenoisingObjective, build_trainer, DistillTrainer, NonFiniteLoss, Objective, Phase
 from stepdistill.trainers.checkpoint import CheckpointError, step_dirs
@@ -251,3 +251,20 @@ def test_periodic_eval_and_tensorboard_tracker(tiny_teacher_config):
     lines = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["eval/score"] for l in lines if "eval/score" in l] == [2.0, 4.0]
     assert list(trainer.output_dir.rglob("events.out.tfevents.*"))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_teacher_config, tmp_path):
+    runs = {}
+    for on in (False, True):
+        run = tiny_teacher_config(max_steps=2, gradient_checkpointing=on)
+        run.output_dir = str(tmp_path / f"checkpointing_{on}")
+        trainer = teacher_trainer(run)
+        assert trainer.objective.model.backbone.is_gradient_checkpointing is on
+        trainer.train(resume=None)
+        runs[on] = weights(trainer.objective.model)
+    assert all(torch.allclose(runs[True][k], runs[False][k], rtol=0, atol=1e-6) for k in runs[False])
+
+
+def test_gradient_checkpointing_needs_a_backbone_that_supports_it(tmp_path):
+    with pytest.raises(ConfigError, match="gradient_checkpointing: none of the trained modules"):
+        DistillTrainer(Toy(), toy_data(), toy_run(tmp_path, gradient_checkpointing=True), [])

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, config_hash, save_config, to_dict
+from ..config import ConfigError, RunConfig, config_hash, save_config, to_dict
 from ..data import ResumableBatches, save_grid
+from ..models import set_attention
 from . import checkpoint as ckpt
 from .base import Objective
 from .callbacks import Callback, SampleGrid
@@ -81,6 +82,10 @@ class DistillTrainer:
                 oc.lr_schedule, optimizer, num_warmup_steps=oc.warmup_steps,
                 num_training_steps=max(1, self.train_cfg.max_steps // oc.every))
             self.optimizers[phase.name] = acc.prepare(optimizer)
+        for backbone in _backbones(obj):
+            set_attention(backbone, self.config.model.attention)
+        if self.train_cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(self.raw)
         for name, module in self.raw.items():
             self.wrapped[name] = acc.prepare(module)
         # frozen modules are never wrapped nor given to an optimizer (a LoRA student's base may be shared
@@ -395,6 +400,23 @@ def _no_accelerator() -> bool:
     from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
 
     return not (torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available())
+
+
+def _backbones(module: torch.nn.Module) -> list:
+    """The Diffusers models inside ``module`` (teacher, students, targets, fake scores)."""
+    from diffusers import ModelMixin
+
+    return [m for m in module.modules() if isinstance(m, ModelMixin)]
+
+
+def _enable_gradient_checkpointing(modules: dict) -> None:
+    """Diffusers' gradient checkpointing (activations recomputed in the backward pass) in every trained backbone."""
+    backbones = [m for module in modules.values() for m in _backbones(module) if m._supports_gradient_checkpointing]
+    if not backbones:
+        raise ConfigError(f"train.gradient_checkpointing: none of the trained modules ({', '.join(modules)}) "
+                          "supports it; set it to false")
+    for backbone in backbones:
+        backbone.enable_gradient_checkpointing()
 
 
 def _allow_new_precision(mixed_precision: str) -> None:
