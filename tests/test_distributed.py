@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="1")
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, HF_HUB_OFFLINE="1")
     e.pop("CUDA_VISIBLE_DEVICES", None)
     return {**e, "CUDA_VISIBLE_DEVICES": ""}
 
