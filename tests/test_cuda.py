@@ -1,6 +1,7 @@
-"""The CUDA paths: the shipped digits recipes train under bf16 autocast on the GPU, export, and their stock
-pipelines sample on the GPU; resuming restores the CUDA generator; xformers attention computes SDPA's function;
-gradient checkpointing lowers CUDA memory without changing the gradients.
+"""The CUDA paths: the shipped digits recipes train under bf16 autocast on the GPU, export, and their exported
+pipelines sample on the GPU; the SD 1.5 LCM recipe (on a tiny model of its layout) encodes its latents on the GPU
+and sets the configured attention in every UNet; resuming restores the CUDA generator; xformers attention computes
+SDPA's function; gradient checkpointing lowers CUDA memory without changing the gradients.
 
 The rest of the suite runs on the CPU (conftest); these run only where a GPU is shown to them:
 ``STEPDISTILL_TEST_CUDA=1 pytest tests/test_cuda.py``.
