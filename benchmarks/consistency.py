@@ -79,7 +79,8 @@ def rows(warm: str) -> list[dict]:
          "note": "the digits LCM-LoRA recipe on lcm_skip100's 10-point grid (5 teacher sub-steps per skip)"},
         {"name": "lcm_lora_skip100_adv", "config": "configs/lcm_lora_digits.yaml",
          "args": ["train.max_steps=1200", *COARSE_GRID, "objective.adv_weight=0.1", "train.checkpoint_every=300"],
-         "note": "lcm_lora_skip100 with the adversarial term (weight 0.1) = configs/lcm_lora_digits_1step.yaml "
+         "note": "lcm_lora_skip100 with the adversarial term (weight 0.1): configs/lcm_lora_digits_1step.yaml before "
+                 "its lr 1e-3, adapted modules and EMA "
                  "(trained with train.threads=2 while nothing else ran: its wall time is not comparable with the "
                  "rows that shared the cores)"},
         {"name": "lcm_lora_skip100_2000", "config": "configs/lcm_lora_digits.yaml",

@@ -143,6 +143,33 @@ def test_lcm_lora_targets_choose_the_adapted_modules_and_export_for_load_lora_we
         build_trainer(lcm_run(tmp_path / "y", teacher_folder, lora_targets=["conv1"]))
 
 
+def test_lcm_lora_with_train_ema_exports_the_ema_of_the_adapters(tmp_path, teacher_folder):
+    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+
+    r = lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, target_ema=0.95)
+    r.train.ema_decay = 0.5
+    trainer = build_trainer(r)
+    trainer.train(resume=None)
+    unet = trainer.objective.student.backbone
+    x, t, labels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(499), \
+        torch.tensor([1, 2])
+
+    def exported(**kw):
+        folder = export_run(trainer.output_dir, tmp_path / f"export_{kw}", **kw)
+        pipe = ClassConditionalPipeline.from_pretrained(folder)
+        pipe.load_lora_weights(folder)
+        with torch.no_grad():
+            return pipe.unet(x, t, class_labels=labels).sample
+
+    with torch.no_grad():
+        raw = unet(x, t, class_labels=labels).sample
+        with trainer.ema_weights():
+            ema = unet(x, t, class_labels=labels).sample
+    assert not torch.allclose(raw, ema, atol=1e-4)
+    torch.testing.assert_close(exported(), ema, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(exported(ema=False), raw, rtol=1e-4, atol=1e-5)
+
+
 def test_lcm_lora_target_ema_is_an_ema_of_the_adapters_on_the_shared_base(tmp_path, teacher_folder):
     def run(folder, max_steps):
         r = lcm_run(tmp_path / folder, teacher_folder, method="lcm_lora", lora_rank=4, target_ema=0.9,
