@@ -151,11 +151,11 @@ def test_lcm_lora_with_train_ema_exports_the_ema_of_the_adapters(tmp_path, teach
     trainer = build_trainer(r)
     trainer.train(resume=None)
     unet = trainer.objective.student.backbone
-    x, t, labels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(499), \
-        torch.tensor([1, 2])
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, labels = torch.tensor(499), torch.tensor([1, 2])
 
-    def exported(**kw):
-        folder = export_run(trainer.output_dir, tmp_path / f"export_{kw}", **kw)
+    def exported(ema=None):
+        folder = export_run(trainer.output_dir, tmp_path / f"export_{ema}", ema=ema)
         pipe = ClassConditionalPipeline.from_pretrained(folder)
         pipe.load_lora_weights(folder)
         with torch.no_grad():
