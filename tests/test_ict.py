@@ -111,6 +111,17 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
     default = load_eval_model(str(folder)).sample([0, 1], nfe=2, seed=3)
     assert images.shape == default.shape and not torch.allclose(images, default)
 
+    # eval gives the stock pipeline sample i's class i % 10 (left to itself it draws labels from all 11 embeddings,
+    # the untrained null class too)
+    from stepdistill.metrics.samplers import sample_generators
+
+    model = load_eval_model(str(folder))
+    assert model.num_classes == 10 and model.describe()["class_labels"] == "i % 10"
+    indices = [8, 9, 10, 11]
+    labelled = pipe(batch_size=4, class_labels=[8, 9, 0, 1], num_inference_steps=1, output_type="np",
+                    generator=sample_generators(indices, 3)).images
+    torch.testing.assert_close(model.sample(indices, nfe=1, seed=3), torch.as_tensor(labelled).permute(0, 3, 1, 2))
+
 
 def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_path):
     run = ict_run(tmp_path)

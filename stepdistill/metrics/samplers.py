@@ -95,6 +95,8 @@ class EvalModel:
             kwargs["image"] = self.sources[[i % len(self.sources) for i in indices]]
         elif self.num_classes is not None and "class_labels" in p:
             kwargs["class_labels"] = [i % self.num_classes for i in indices]
+            if "batch_size" in p:  # ConsistencyModelPipeline checks its generators against batch_size
+                kwargs["batch_size"] = len(indices)
         elif "prompt" in p and self.prompts:
             kwargs["prompt"] = [self.prompts[i % len(self.prompts)] for i in indices]
         elif "batch_size" in p:
@@ -236,8 +238,11 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
         guidance = config.get("guidance_scale") if guidance is None else guidance
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     num_classes = None
-    # ClassConditionalPipeline and its subclasses (MultiStudentPipeline)
-    if isinstance(pipe, ClassConditionalPipeline) and denoiser is not None and denoiser.config.get("num_class_embeds"):
+    # ClassConditionalPipeline (and MultiStudentPipeline), or a stock pipeline that takes class_labels (an iCT
+    # ConsistencyModelPipeline): without labels the latter draws them from all num_class_embeds, the null class too
+    takes_labels = (isinstance(pipe, ClassConditionalPipeline)
+                    or "class_labels" in inspect.signature(pipe.__call__).parameters)
+    if takes_labels and denoiser is not None and denoiser.config.get("num_class_embeds"):
         null = meta.get("num_classes", config.get("null_class"))
         num_classes = int(null) if null is not None else int(denoiser.config.num_class_embeds)
     default = [int(s) for s in (steps if isinstance(steps, list) else [steps])] if steps else []
