@@ -146,3 +146,41 @@ def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_pa
     bad.objective.dropout = 1.0
     with pytest.raises(ConfigError, match="objective.dropout"):
         bad.objective.validate()
+
+
+def test_sample_timesteps_reach_the_trainers_sampler_the_export_and_its_card(tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.metrics.samplers import load_eval_model
+    from stepdistill.pipelines import export_run
+
+    run = ict_run(tmp_path)
+    run.objective.student_steps, run.objective.sample_timesteps = 2, [6, 0]  # final grid: N = 9, timesteps 0..8
+    trainer = build_trainer(run)
+    trainer.train(resume=None)
+    o = trainer.objective
+    folder = export_run(trainer.output_dir, tmp_path / "export", ema=False)
+    info = json.loads((folder / "stepdistill.json").read_text())["export"]
+    assert info["call"]["kwargs"] == {"num_inference_steps": None, "timesteps": [6, 0]}
+    card = (folder / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("PATH", str(folder))
+    scope = {}
+    exec(snippet, scope)  # the model card's own call runs on stock Diffusers
+    assert len(scope["images"]) == 3 and "num_inference_steps=None, timesteps=[6, 0]" in snippet
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = lambda **kw: pipe(batch_size=2, class_labels=[0, 1], output_type="pt",  # noqa: E731
+                             generator=torch.Generator().manual_seed(5), **kw).images
+    mine = (o.sample({"batch_size": 2}, generator=torch.Generator().manual_seed(5)) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(call(num_inference_steps=None, timesteps=[6, 0]), mine, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(call(num_inference_steps=2), mine, atol=1e-3)  # not the scheduler's own 2 steps
+    assert load_eval_model(str(folder)).timesteps == [6, 0]  # stepdistill eval samples its 2 steps there
+
+    for timesteps, steps, match in (([9, 0], 2, "0..8"), ([0, 6], 2, "decreasing"), ([6, 0], 1, "student_steps=1")):
+        bad = ict_run(tmp_path / "bad")
+        bad.objective.student_steps, bad.objective.sample_timesteps = steps, timesteps
+        with pytest.raises(ConfigError, match=match):
+            bad.objective.validate()
+            build_trainer(bad)

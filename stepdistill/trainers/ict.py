@@ -98,6 +98,9 @@ class ICTConfig:
     huber_c: float | None = None  # None: 0.00054 sqrt(d), d = the data's dimension
     dropout: float = 0.0  # the UNet's dropout; student and target share one mask per step
     student_steps: int = 1  # the exported pipeline's default steps (it samples at any number)
+    # the exported call's timesteps, student_steps of them, decreasing, on the final grid's 0..N-1 (timestep i is
+    # sigma_(N-1-i): 0 is sigma_max); None: the scheduler's own pick. The model card's call passes them.
+    sample_timesteps: list[int] | None = None
 
     def validate(self):
         from ..config import ConfigError
@@ -108,6 +111,11 @@ class ICTConfig:
             raise ConfigError("objective.s0 and s1 must satisfy 1 <= s0 <= s1")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"objective.dropout must be in [0, 1), not {self.dropout}")
+        ts = self.sample_timesteps
+        if ts is not None and (len(ts) != self.student_steps or any(b >= a for a, b in zip(ts, ts[1:]))
+                               or min(ts) < 0):
+            raise ConfigError(f"objective.sample_timesteps must be objective.student_steps={self.student_steps} "
+                              f"decreasing timesteps >= 0, not {ts}: set student_steps to their number")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -121,10 +129,16 @@ class ICTObjective(Objective):
 
     def __init__(self, config: ICTConfig, backbone: torch.nn.Module, num_classes: int | None, resolution: int,
                  channels: int, total_steps: int):
+        from ..config import ConfigError
+
         super().__init__(config)
         self.model = ConsistencyModel(backbone, config.sigma_min, config.sigma_data).requires_grad_(True)
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
         self.total_steps = total_steps
+        n_points = self.final_points()
+        if config.sample_timesteps is not None and max(config.sample_timesteps) >= n_points:
+            raise ConfigError(f"objective.sample_timesteps {config.sample_timesteps} must lie on the final grid's "
+                              f"timesteps 0..{n_points - 1} (N = {n_points} after {total_steps} steps)")
         d = channels * resolution * resolution
         self.huber_c = config.huber_c if config.huber_c is not None else 0.00054 * math.sqrt(d)
 
@@ -193,7 +207,10 @@ class ICTObjective(Objective):
 
         n, device = batch["batch_size"], self.device
         sched = self.scheduler()
-        sched.set_timesteps(steps or self.config.student_steps)
+        if steps in (None, self.config.student_steps) and self.config.sample_timesteps is not None:
+            sched.set_timesteps(timesteps=self.config.sample_timesteps)
+        else:
+            sched.set_timesteps(steps or self.config.student_steps)
         labels = torch.arange(n, device=device) % self.num_classes if self.num_classes else None
         x = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         x = x * sched.init_noise_sigma
@@ -246,26 +263,31 @@ class ICTExport:
             pipe = ConsistencyModelPipeline(unet=unwrap(o.model).backbone, scheduler=o.scheduler())
             with ex._quiet():
                 pipe.save_pretrained(tmp, safe_serialization=True)
-            steps = o.config.student_steps
-            call = {"input": "class_labels" if o.num_classes else "batch_size",
-                    "kwargs": {"num_inference_steps": steps}}
-            meta = {"num_inference_steps": steps, "num_classes": o.num_classes, "resolution": o.resolution,
+            steps, timesteps = o.config.student_steps, o.config.sample_timesteps
+            kwargs = {"num_inference_steps": steps} if timesteps is None else {"num_inference_steps": None,
+                                                                               "timesteps": list(timesteps)}
+            call = {"input": "class_labels" if o.num_classes else "batch_size", "kwargs": kwargs}
+            meta = {"num_inference_steps": steps, "timesteps": timesteps, "num_classes": o.num_classes,
+                    "resolution": o.resolution,
                     "channels": o.channels,
                     "export": {"pipeline": "ConsistencyModelPipeline", "needs_stepdistill": False,
                                "trust_remote_code": False, "method": o.name, "call": call,
                                "training_steps": self.training_steps, "metrics": self.metrics,
                                "checkpoint": self.meta.get("checkpoint"), "ema": self.meta.get("ema"),
                                "scheduler": "CMStochasticIterativeScheduler",
-                               "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": steps}}
+                               "scheduler_config": dict(pipe.scheduler.config), "num_inference_steps": steps,
+                               "timesteps": timesteps}}
             (tmp / ex.META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-            labels = "class_labels=[0, 1, 2], " if o.num_classes else ""
+            labels = "batch_size=3, class_labels=[0, 1, 2], " if o.num_classes else "batch_size=3, "
+            steps_arg = (f"num_inference_steps={steps}" if timesteps is None
+                         else f"num_inference_steps=None, timesteps={list(timesteps)}")
             (tmp / "README.md").write_text(
                 "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags: [stepdistill, "
                 "consistency-model, ict]\n---\n\n# iCT consistency model\n\nTrained by stepdistill's `ict` (improved "
                 "consistency training, Song & Dhariwal 2023) from data alone. Stock Diffusers:\n\n```python\n"
                 "from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained(\"PATH\")  # "
-                f"ConsistencyModelPipeline\nimages = pipe({labels}num_inference_steps={steps}).images  # 1, 2, 4 ... "
-                "steps\n```\n")
+                f"ConsistencyModelPipeline\nimages = pipe({labels}{steps_arg}).images\n```\n\nIt samples at any "
+                "number of steps (`num_inference_steps=1`, 2, 4, ...).\n")
         except BaseException:
             import shutil
 
