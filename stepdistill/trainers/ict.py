@@ -268,8 +268,7 @@ class ICTExport:
                                                                                "timesteps": list(timesteps)}
             call = {"input": "class_labels" if o.num_classes else "batch_size", "kwargs": kwargs}
             meta = {"num_inference_steps": steps, "timesteps": timesteps, "num_classes": o.num_classes,
-                    "resolution": o.resolution,
-                    "channels": o.channels,
+                    "resolution": o.resolution, "channels": o.channels,
                     "export": {"pipeline": "ConsistencyModelPipeline", "needs_stepdistill": False,
                                "trust_remote_code": False, "method": o.name, "call": call,
                                "training_steps": self.training_steps, "metrics": self.metrics,
