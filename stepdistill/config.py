@@ -65,14 +65,20 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and a Diffusers LR schedule for one phase; ``every``: update on steps where step % every == 0."""
+    """AdamW and an LR schedule for one phase; ``every``: update on steps where step % every == 0.
+
+    ``lr_schedule`` is one of Diffusers' schedules, or ``warmup_stable_decay``: the warm-up, then ``lr`` held, then a
+    linear fall to 0 over the last ``decay_steps`` updates (a run may end in a decay without fixing its length
+    in advance: a resumed run with a larger ``train.max_steps`` moves the decay to its new end)."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine",
+                         "warmup_stable_decay"] = "constant_with_warmup"
     warmup_steps: int = 0
+    decay_steps: int = 0
     max_grad_norm: float | None = 1.0
     every: int = 1
 
@@ -270,7 +276,24 @@ def resolve(raw: dict) -> RunConfig:
     for name in phases:
         merged = {**method.optim_defaults(config.objective).get(name, {}), **(optim.get(name) or {})}
         config.optim[name] = build(OptimConfig, merged, f"optim.{name}")
+        _check_schedule(config.optim[name], f"optim.{name}", max(1, config.train.max_steps // config.optim[name].every))
     return config
+
+
+def _check_schedule(oc: OptimConfig, key: str, updates: int) -> None:
+    if oc.warmup_steps < 0 or oc.decay_steps < 0:
+        raise ConfigError(f"{key}: warmup_steps and decay_steps must be >= 0")
+    if oc.lr_schedule != "warmup_stable_decay":
+        if oc.decay_steps:
+            raise ConfigError(f"{key}.decay_steps is used only by lr_schedule=warmup_stable_decay "
+                              f"(this phase has {oc.lr_schedule!r}); set one or remove the other")
+        return
+    if oc.decay_steps == 0:
+        raise ConfigError(f"{key}: lr_schedule=warmup_stable_decay needs decay_steps > 0 (the updates over which "
+                          "the lr falls to 0 at the end of the run)")
+    if oc.warmup_steps + oc.decay_steps > updates:
+        raise ConfigError(f"{key}: warmup_steps + decay_steps ({oc.warmup_steps} + {oc.decay_steps}) exceed the "
+                          f"run's {updates} updates of this phase; lower them or raise train.max_steps")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:

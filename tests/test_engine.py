@@ -268,3 +268,47 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_teacher_config, tmp
 def test_gradient_checkpointing_needs_a_backbone_that_supports_it(tmp_path):
     with pytest.raises(ConfigError, match="gradient_checkpointing: none of the trained modules"):
         DistillTrainer(Toy(), toy_data(), toy_run(tmp_path, gradient_checkpointing=True), [])
+
+
+def test_warmup_stable_decay_holds_the_lr_then_falls_to_zero_and_follows_a_longer_resumed_run(tmp_path):
+    from stepdistill.config import resolve
+    from tiny import tiny_teacher_raw
+
+    from stepdistill.trainers.engine import warmup_stable_decay
+
+    factor = warmup_stable_decay(2, 4, 10)
+    assert [factor(u) for u in range(10)] == [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+
+    def trainer(max_steps):
+        raw = tiny_teacher_raw(tmp_path / "run", max_steps=max_steps, checkpoint_every=max_steps)
+        raw["optim"]["model"].update(lr_schedule="warmup_stable_decay", decay_steps=4)
+        return build_trainer(resolve(raw))
+
+    def logged_lrs(trainer):
+        return [json.loads(l)["lr/model"] for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+    first = trainer(6)
+    first.train()
+    # metrics log the lr after each update's scheduler step: the lr of the next update
+    assert logged_lrs(first) == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0])
+    # resumed with more steps, the lr goes back to its held value at once and the decay moves to the new end
+    longer = trainer(10)
+    longer.load_checkpoint("latest")
+    assert longer.optimizers["model"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    longer.train()
+    assert logged_lrs(longer)[6:] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+
+
+@pytest.mark.parametrize("optim, message", [
+    ({"lr_schedule": "warmup_stable_decay"}, "needs decay_steps > 0"),
+    ({"lr_schedule": "constant", "decay_steps": 3}, "used only by lr_schedule=warmup_stable_decay"),
+    ({"lr_schedule": "warmup_stable_decay", "decay_steps": 3, "warmup_steps": 2}, "exceed the run's 4 updates"),
+])
+def test_warmup_stable_decay_settings_are_checked(tmp_path, optim, message):
+    from stepdistill.config import resolve
+    from tiny import tiny_teacher_raw
+
+    raw = tiny_teacher_raw(tmp_path / "run")
+    raw["optim"]["model"].update(optim)
+    with pytest.raises(ConfigError, match=message):
+        resolve(raw)

@@ -78,9 +78,14 @@ class DistillTrainer:
             oc = self.config.optim[phase.name]
             optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
                                           eps=oc.eps)
-            self.lr_schedulers[phase.name] = get_scheduler(
-                oc.lr_schedule, optimizer, num_warmup_steps=oc.warmup_steps,
-                num_training_steps=max(1, self.train_cfg.max_steps // oc.every))
+            updates = max(1, self.train_cfg.max_steps // oc.every)
+            if oc.lr_schedule == "warmup_stable_decay":
+                self.lr_schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, warmup_stable_decay(oc.warmup_steps, oc.decay_steps, updates))
+            else:
+                self.lr_schedulers[phase.name] = get_scheduler(oc.lr_schedule, optimizer,
+                                                               num_warmup_steps=oc.warmup_steps,
+                                                               num_training_steps=updates)
             self.optimizers[phase.name] = acc.prepare(optimizer)
         for backbone in _backbones(obj):
             set_attention(backbone, self.config.model.attention)
@@ -352,7 +357,14 @@ class DistillTrainer:
             ckpt.load_module(module, path / f"state_{name}.safetensors", [n for n, _ in module.named_parameters()])
         for name, opt in self.optimizers.items():
             opt.optimizer.load_state_dict(ckpt.load_tree(path / f"optimizer_{name}"))
-            self.lr_schedulers[name].load_state_dict(ckpt.load_tree(path / f"lr_schedule_{name}"))
+            schedule = self.lr_schedulers[name]
+            schedule.load_state_dict(ckpt.load_tree(path / f"lr_schedule_{name}"))
+            # this run's schedule sets the next update's lr: the same lr as saved unless the run was resumed with
+            # another schedule or length (say, to close on a decay), which then applies from the first update
+            lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
+            for group, lr in zip(opt.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            schedule._last_lr = lrs
         if self.ema is not None:
             if not meta["ema"]:
                 raise ckpt.CheckpointError(f"checkpoint {path} has no EMA but train.ema_decay > 0")
@@ -392,6 +404,18 @@ class DistillTrainer:
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return bool(flag > 0)
+
+
+def warmup_stable_decay(warmup: int, decay: int, total: int):
+    """The lr factor at each update: a linear warm-up over ``warmup`` updates (as Diffusers' schedules), then 1,
+    then a linear fall to 0 over the last ``decay`` of ``total`` updates (the last update's factor is 1 / decay)."""
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return update / max(1, warmup)
+        return max(0.0, min(1.0, (total - update) / decay))
+
+    return factor
 
 
 def _no_accelerator() -> bool:
