@@ -68,8 +68,9 @@ class OptimConfig:
     """AdamW and an LR schedule for one phase; ``every``: update on steps where step % every == 0.
 
     ``lr_schedule`` is one of Diffusers' schedules, or ``warmup_stable_decay``: the warm-up, then ``lr`` held, then a
-    linear fall to 0 over the last ``decay_steps`` updates (a run may end in a decay without fixing its length
-    in advance: a resumed run with a larger ``train.max_steps`` moves the decay to its new end)."""
+    linear fall to 0 over the last ``decay_steps`` updates, a number of updates (2000) or, below 1, a fraction of the
+    phase's updates (0.25: the last quarter). A resumed run with a larger ``train.max_steps`` moves the decay to its
+    new end."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -78,7 +79,7 @@ class OptimConfig:
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine",
                          "warmup_stable_decay"] = "constant_with_warmup"
     warmup_steps: int = 0
-    decay_steps: int = 0
+    decay_steps: float = 0
     max_grad_norm: float | None = 1.0
     every: int = 1
 
@@ -280,6 +281,11 @@ def resolve(raw: dict) -> RunConfig:
     return config
 
 
+def decay_updates(oc: OptimConfig, updates: int) -> int:
+    """``oc.decay_steps`` as a number of updates of a phase that makes ``updates`` of them."""
+    return max(1, round(oc.decay_steps * updates)) if oc.decay_steps < 1 else int(oc.decay_steps)
+
+
 def _check_schedule(oc: OptimConfig, key: str, updates: int) -> None:
     if oc.warmup_steps < 0 or oc.decay_steps < 0:
         raise ConfigError(f"{key}: warmup_steps and decay_steps must be >= 0")
@@ -289,11 +295,16 @@ def _check_schedule(oc: OptimConfig, key: str, updates: int) -> None:
                               f"(this phase has {oc.lr_schedule!r}); set one or remove the other")
         return
     if oc.decay_steps == 0:
-        raise ConfigError(f"{key}: lr_schedule=warmup_stable_decay needs decay_steps > 0 (the updates over which "
-                          "the lr falls to 0 at the end of the run)")
-    if oc.warmup_steps + oc.decay_steps > updates:
-        raise ConfigError(f"{key}: warmup_steps + decay_steps ({oc.warmup_steps} + {oc.decay_steps}) exceed the "
-                          f"run's {updates} updates of this phase; lower them or raise train.max_steps")
+        raise ConfigError(f"{key}: lr_schedule=warmup_stable_decay needs decay_steps > 0: the updates over which the "
+                          "lr falls to 0 at the end of the run (e.g. 2000), or their fraction of the run (e.g. 0.25)")
+    if oc.decay_steps > 1 and oc.decay_steps != int(oc.decay_steps):
+        raise ConfigError(f"{key}.decay_steps={oc.decay_steps} is neither a whole number of updates nor a fraction "
+                          "below 1 of the run")
+    decay = decay_updates(oc, updates)
+    if oc.warmup_steps + decay > updates:
+        raise ConfigError(f"{key}: warmup_steps + decay_steps ({oc.warmup_steps} + {decay}) exceed the run's "
+                          f"{updates} updates of this phase; lower them, give decay_steps as a fraction of the run "
+                          "(e.g. 0.25), or raise train.max_steps")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:

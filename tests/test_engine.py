@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.config import ConfigError, OptimConfig, RunConfig, TrainConfig
+from stepdistill.config import ConfigError, OptimConfig, RunConfig, TrainConfig, decay_updates, resolve
 from stepdistill.data import TensorImages
 from stepdistill.trainers import Callback, DenoisingObjective, build_trainer, DistillTrainer, NonFiniteLoss, Objective, Phase
 from stepdistill.trainers.checkpoint import CheckpointError, step_dirs
@@ -271,13 +271,15 @@ def test_gradient_checkpointing_needs_a_backbone_that_supports_it(tmp_path):
 
 
 def test_warmup_stable_decay_holds_the_lr_then_falls_to_zero_and_follows_a_longer_resumed_run(tmp_path):
-    from stepdistill.config import resolve
-    from tiny import tiny_teacher_raw
-
     from stepdistill.trainers.engine import warmup_stable_decay
+    from tiny import tiny_teacher_raw
 
     factor = warmup_stable_decay(2, 4, 10)
     assert [factor(u) for u in range(10)] == [0, 0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    # a fraction of the run: the last quarter of 8000 updates is 2000 of them, of 4 updates one
+    assert decay_updates(OptimConfig(decay_steps=0.25), 8000) == 2000
+    assert decay_updates(OptimConfig(decay_steps=2000), 8000) == 2000
+    assert decay_updates(OptimConfig(decay_steps=0.25), 4) == 1 == decay_updates(OptimConfig(decay_steps=0.01), 4)
 
     def trainer(max_steps):
         raw = tiny_teacher_raw(tmp_path / "run", max_steps=max_steps, checkpoint_every=max_steps)
@@ -303,9 +305,9 @@ def test_warmup_stable_decay_holds_the_lr_then_falls_to_zero_and_follows_a_longe
     ({"lr_schedule": "warmup_stable_decay"}, "needs decay_steps > 0"),
     ({"lr_schedule": "constant", "decay_steps": 3}, "used only by lr_schedule=warmup_stable_decay"),
     ({"lr_schedule": "warmup_stable_decay", "decay_steps": 3, "warmup_steps": 2}, "exceed the run's 4 updates"),
+    ({"lr_schedule": "warmup_stable_decay", "decay_steps": 2.5}, "neither a whole number of updates nor a fraction"),
 ])
 def test_warmup_stable_decay_settings_are_checked(tmp_path, optim, message):
-    from stepdistill.config import resolve
     from tiny import tiny_teacher_raw
 
     raw = tiny_teacher_raw(tmp_path / "run")

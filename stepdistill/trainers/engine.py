@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, RunConfig, config_hash, save_config, to_dict
+from ..config import ConfigError, RunConfig, config_hash, decay_updates, save_config, to_dict
 from ..data import ResumableBatches, save_grid
 from ..models import set_attention
 from . import checkpoint as ckpt
@@ -81,7 +81,7 @@ class DistillTrainer:
             updates = max(1, self.train_cfg.max_steps // oc.every)
             if oc.lr_schedule == "warmup_stable_decay":
                 self.lr_schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, warmup_stable_decay(oc.warmup_steps, oc.decay_steps, updates))
+                    optimizer, warmup_stable_decay(oc.warmup_steps, decay_updates(oc, updates), updates))
             else:
                 self.lr_schedulers[phase.name] = get_scheduler(oc.lr_schedule, optimizer,
                                                                num_warmup_steps=oc.warmup_steps,
