@@ -69,8 +69,8 @@ class OptimConfig:
 
     ``lr_schedule`` is one of Diffusers' schedules, or ``warmup_stable_decay``: the warm-up, then ``lr`` held, then a
     linear fall to 0 over the last ``decay_steps`` updates, a number of updates (2000) or, below 1, a fraction of the
-    phase's updates (0.25: the last quarter). A resumed run with a larger ``train.max_steps`` moves the decay to its
-    new end."""
+    phase's updates (0.25: the last quarter); the other schedules ignore it. A resumed run with a larger
+    ``train.max_steps`` moves the decay to its new end."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -290,9 +290,6 @@ def _check_schedule(oc: OptimConfig, key: str, updates: int) -> None:
     if oc.warmup_steps < 0 or oc.decay_steps < 0:
         raise ConfigError(f"{key}: warmup_steps and decay_steps must be >= 0")
     if oc.lr_schedule != "warmup_stable_decay":
-        if oc.decay_steps:
-            raise ConfigError(f"{key}.decay_steps is used only by lr_schedule=warmup_stable_decay "
-                              f"(this phase has {oc.lr_schedule!r}); set one or remove the other")
         return
     if oc.decay_steps == 0:
         raise ConfigError(f"{key}: lr_schedule=warmup_stable_decay needs decay_steps > 0: the updates over which the "
