@@ -65,13 +65,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and an LR schedule for one phase; ``every``: update on steps where step % every == 0.
+    """An optimizer (AdamW, or RAdam as iCT trains with) and an LR schedule for one phase; ``every``: update on steps
+    where step % every == 0.
 
     ``lr_schedule`` is one of Diffusers' schedules, or ``warmup_stable_decay``: the warm-up, then ``lr`` held, then a
     linear fall to 0 over the last ``decay_steps`` updates, a number of updates (2000) or, below 1, a fraction of the
     phase's updates (0.25: the last quarter); the other schedules ignore it. A resumed run with a larger
     ``train.max_steps`` moves the decay to its new end."""
 
+    optimizer: Literal["adamw", "radam"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0

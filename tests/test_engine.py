@@ -63,14 +63,18 @@ def test_teacher_loss_falls(tiny_teacher_config):
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
 
 
-def test_resume_equals_uninterrupted(tiny_teacher_config, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "radam"])
+def test_resume_equals_uninterrupted(tiny_teacher_config, tmp_path, optimizer):
     straight = tiny_teacher_config(max_steps=6, ema_decay=0.9)
     straight.output_dir = str(tmp_path / "straight")
+    straight.optim["model"].optimizer = optimizer
     a = teacher_trainer(straight)
+    assert type(a.optimizers["model"].optimizer) is {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[optimizer]
     a.train()
 
     run = tiny_teacher_config(max_steps=6, ema_decay=0.9, checkpoint_every=2)
     run.output_dir = str(tmp_path / "interrupted")
+    run.optim["model"].optimizer = optimizer
     b = teacher_trainer(run, [SignalAt(3)])
     b.train()  # SIGTERM after step 3: saves a checkpoint and returns
     assert b.step == 3 and (b.checkpoint_root / "step_0000003").is_dir()

@@ -61,6 +61,7 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
     trainer = build_trainer(ict_run(tmp_path))
     o = trainer.objective
     assert o.huber_c == pytest.approx(0.00054 * 8)  # sqrt(1 x 8 x 8)
+    assert type(trainer.optimizers["model"].optimizer) is torch.optim.RAdam  # iCT's optimizer
     trainer.train(resume=None)
     logs = [json.loads(l) for l in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["model/N"] for l in logs] == [3, 5, 9, 9]  # K' = floor(4 / 3) = 1: N = min(2 * 2^k, 8) + 1

@@ -76,8 +76,12 @@ class DistillTrainer:
                 self.raw[name], self.trainable[name] = module, names
                 params += [p for p in module.parameters() if p.requires_grad]
             oc = self.config.optim[phase.name]
-            optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
-                                          eps=oc.eps)
+            if oc.optimizer == "radam":
+                optimizer = torch.optim.RAdam(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay,
+                                              eps=oc.eps, decoupled_weight_decay=True)
+            else:
+                optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas),
+                                              weight_decay=oc.weight_decay, eps=oc.eps)
             updates = max(1, self.train_cfg.max_steps // oc.every)
             if oc.lr_schedule == "warmup_stable_decay":
                 self.lr_schedulers[phase.name] = torch.optim.lr_scheduler.LambdaLR(

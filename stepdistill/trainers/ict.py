@@ -148,7 +148,7 @@ class ICTObjective(Objective):
 
     @classmethod
     def optim_defaults(cls, config):
-        return {"model": {"lr": 1e-4, "betas": [0.9, 0.995], "lr_schedule": "constant"}}  # iCT: RAdam 1e-4
+        return {"model": {"optimizer": "radam", "lr": 1e-4, "betas": [0.9, 0.995], "lr_schedule": "constant"}}
 
     @classmethod
     def from_config(cls, run, data=None) -> "ICTObjective":
