@@ -106,7 +106,7 @@ def load_digits_cnn(folder: str | Path | None = None) -> tuple[DigitsCNN, dict]:
     weights, config_path = folder / DIGITS_WEIGHTS, folder / DIGITS_CONFIG
     if not weights.is_file() or not config_path.is_file():
         raise FeatureError(f"the digits feature extractor is missing from {folder} (expected {DIGITS_WEIGHTS} and "
-                           f"{DIGITS_CONFIG}); rebuild it with `python benchmarks/train_digits_features.py` or "
+                           f"{DIGITS_CONFIG}); rebuild it with `python scripts/train_digits_features.py` or "
                            "reinstall stepdistill")
     config = json.loads(config_path.read_text())
     arch = {k: config[k] for k in ("channels", "num_classes", "width", "hidden", "resolution", "dropout")}

@@ -4,7 +4,7 @@ A small CNN classifier on the digits TRAIN split at 16x16 in [-1, 1] (the same i
 sees), trained with +-1 pixel random shifts; its accuracy on the held-out TEST split is written to config.json.
 Inputs go through the same uint8 quantisation as the images it will score (to_uint8, then back to [-1, 1]).
 
-    python benchmarks/train_digits_features.py [--out stepdistill/assets/digits-features] [--epochs 40]
+    python scripts/train_digits_features.py [--out stepdistill/assets/digits-features] [--epochs 40]
 
 Deterministic on CPU for a given torch version (seed 0); about 3 minutes on 2 busy CPU cores.
 """
@@ -85,7 +85,7 @@ def train(epochs: int = 40, batch_size: int = 64, lr: float = 2e-3, seed: int = 
                   "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(wd=1e-4), one-cycle",
                   "augmentation": "random shift +-1 px", "seed": seed, "torch": torch.__version__,
                   "seconds": round(time.time() - start, 1),
-                  "script": "benchmarks/train_digits_features.py"},
+                  "script": "scripts/train_digits_features.py"},
     }
     return model.eval(), info
 

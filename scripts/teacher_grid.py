@@ -1,6 +1,6 @@
 """The README's sample grid of the shipped digits teacher: 50-step DDIM, guidance 1, one column per class.
 
-    python benchmarks/teacher_grid.py [OUT.png]
+    python scripts/teacher_grid.py [OUT.png]
 """
 import sys
 
