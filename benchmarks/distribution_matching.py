@@ -91,7 +91,7 @@ def evaluate(run_dir: Path, nfe: list[int], n: int, log: Path) -> dict:
 
 def warm_start(out: Path, log: Path, runs: Path | None = None) -> tuple[Path, Path, dict]:
     """The quickstart's stages 1 and 2 (pairs, regression), under out/runs (or an existing quickstart folder)."""
-    from stepdistill.config import resolve
+    from stepdistill.trainers import resolve
     from stepdistill.pairs import make_pairs
     from stepdistill.trainers import build_trainer
 

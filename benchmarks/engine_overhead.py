@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.config import resolve
+from stepdistill.trainers import resolve
 from stepdistill.conditioning import Cond
 from stepdistill.quickstart import COMMON, DMD2, _merge
 from stepdistill.trainers import build_trainer

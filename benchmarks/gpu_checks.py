@@ -192,16 +192,15 @@ def _cache_files(folder: Path) -> set[str]:
 def prepare_cache(spec: dict) -> dict:
     """Fill the run's cache (encoded prompts, the null prompt, VAE latents) with the project's own code."""
     import stepdistill.models as models
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
     from stepdistill.data import build_dataset
-    from stepdistill.trainers import run_cache_dir
 
     run = load_config(spec["config"], spec["overrides"])
     t0 = time.perf_counter()
-    data = build_dataset(run.data, run.model, cache_dir=run_cache_dir(run))
-    models.text_null_cond(run.model, run_cache_dir(run), run.data.resolution)
+    data = build_dataset(run.data, run.model, cache_dir=run.cache_dir)
+    models.text_null_cond(run.model, run.cache_dir, run.data.resolution)
     return {"status": "ok", "seconds": round(time.perf_counter() - t0, 2), "items": len(data),
-            "latent_shape": list(data[0]["image"].shape), "files": sorted(_cache_files(run_cache_dir(run)))}
+            "latent_shape": list(data[0]["image"].shape), "files": sorted(_cache_files(run.cache_dir))}
 
 
 def _backbones(objective) -> dict:
@@ -221,7 +220,7 @@ def _backbones(objective) -> dict:
 
 def train_variant(spec: dict) -> dict:
     """Build the run with the project's trainer, time every step with a callback, read train_summary.json."""
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
     from stepdistill.trainers import build_trainer
     from stepdistill.trainers.callbacks import Callback
 

@@ -6,7 +6,7 @@ import sys
 
 
 def _train(args, method_default: str | None) -> int:
-    from .config import load_config
+    from .trainers import load_config
     from .trainers import build_trainer
 
     defaults = {"method": method_default} if method_default else None
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics.commands import add_parsers as add_metric_parsers
 
     add_metric_parsers(sub)  # eval, bench
-    from .pipelines.export import add_cli as add_export_parser
+    from .runs import add_cli as add_export_parser
 
     add_export_parser(sub)  # export
     from .pairs import add_cli as add_pairs_parser
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return commands.run_eval(args) if args.command == "eval" else commands.run_bench(args)
         if args.command == "export":
-            from .pipelines.export import run_cli
+            from .runs import run_cli
 
             return run_cli(args)
         if args.command == "make-pairs":

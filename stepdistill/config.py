@@ -7,6 +7,7 @@ and ``objective`` (the method's own dataclass, registered with the method), plus
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -116,6 +117,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: dict[str, OptimConfig] = field(default_factory=dict)
     objective: Any = None
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the run caches what it derives from its inputs (encoded prompts, the null prompt, VAE latents)."""
+        return Path(self.output_dir) / "cache"
 
 
 # ---------------------------------------------------------------------------------------- typing
@@ -258,18 +264,17 @@ def load_raw(path: str | Path | None) -> dict:
     return raw
 
 
-def resolve(raw: dict) -> RunConfig:
-    """Turn a raw mapping into a RunConfig whose ``objective`` is the method's config dataclass."""
-    from .trainers import get_method
-
+def build_run(raw: dict, method) -> RunConfig:
+    """Turn a raw mapping into a RunConfig for ``method`` (an objective class: its ``Config`` dataclass, its
+    ``phases(config)`` and ``optim_defaults(config)``); ``objective`` becomes the method's config dataclass and
+    ``optim`` gets one :class:`OptimConfig` per phase, the method's defaults under the user's settings."""
     raw = dict(raw)
     method_name = raw.get("method", "teacher")
-    method = get_method(method_name)
     objective = raw.pop("objective", None)
     optim = raw.pop("optim", None) or {}
     config = build(RunConfig, raw)
     config.objective = build(method.Config, objective, "objective")
-    phases = method.phase_names(config.objective)
+    phases = [phase.name for phase in method.phases(config.objective)]
     if not isinstance(optim, dict):
         raise ConfigError(f"optim: expected a mapping of phase names ({', '.join(phases)}) to optimizer settings")
     for name in optim:
@@ -306,9 +311,9 @@ def _check_schedule(oc: OptimConfig, key: str, updates: int) -> None:
                           "(e.g. 0.25), or raise train.max_steps")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> RunConfig:
-    raw = apply_overrides({**(defaults or {}), **load_raw(path)}, list(overrides))
-    return resolve(raw)
+def read_config(path: str | Path | None, overrides: list[str] = (), defaults: dict | None = None) -> dict:
+    """The raw mapping of a YAML recipe with ``defaults`` under it and dotted ``overrides`` over it."""
+    return apply_overrides({**(defaults or {}), **load_raw(path)}, list(overrides))
 
 
 def to_dict(config) -> dict:
@@ -327,6 +332,4 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 
 def config_hash(config: RunConfig) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -148,7 +148,7 @@ def prompt_encoder_for(cfg: ModelConfig, resolution: int | None = None):
     ``resolution`` is the (latent) training resolution; SDXL's ``time_ids`` get the pixel size, ``resolution``
     times the VAE's scale factor. The text encoders run in ``cfg.dtype``, like the teacher.
     """
-    from .conditioning import TEXT_COMPONENTS, PromptEncoder, prompt_family
+    from .prompts import TEXT_COMPONENTS, PromptEncoder, prompt_family
 
     folder = teacher_folder(cfg)
     index = _index(folder)

@@ -1,4 +1,4 @@
-"""Teacher (noise, image) pairs: ``make_pairs`` writes them as sharded safetensors, ``PairDataset`` reads them.
+"""Teacher (noise, image) pairs: ``make_pairs`` writes them as sharded safetensors (``stepdistill.data.pairs`` reads them).
 
 Used by DMD's regression loss and by reflow. A pair is ``(z, x)`` where ``z ~ N(0, I)`` and ``x`` is the teacher's
 deterministic ODE solution from ``z`` (:func:`stepdistill.solvers.sample`).
@@ -39,32 +39,17 @@ settings keeps the shards it can (so a set can be extended). One writer per fold
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from .cache import file_sha256, module_fingerprint
 from .conditioning import Cond
-from .data import DataError, file_sha256, sample_seed
-
-MANIFEST = "pairs.json"
-FORMAT = "stepdistill-pairs"
-VERSION = 1
-PROMPT_EMBEDDINGS = "prompt-embeddings.safetensors"
-LABEL_MODES = ("balanced", "random")
-#: manifest keys that must be equal for a re-run to resume in the same folder (``n`` may change)
-SETTINGS_KEYS = ("teacher_weights", "teacher_dtype", "prediction_type", "scheduler", "timesteps", "solver", "nfe",
-                 "guidance_scale", "seed", "labels", "num_classes", "prompts_sha256", "shard_size", "resolution",
-                 "channels")
-_TMP = re.compile(r"^pairs-\d{5}\.safetensors\.tmp-\d+$")
-_SHARD = re.compile(r"^pairs-\d{5}\.safetensors$")
-
-
-def shard_name(k: int) -> str:
-    return f"pairs-{k:05d}.safetensors"
+from .data import DataError, sample_seed
+from .data.pairs import (FORMAT, LABEL_MODES, MANIFEST, PROMPT_EMBEDDINGS, SETTINGS_KEYS, SHARD_PATTERN, TMP_PATTERN,
+                         VERSION, read_manifest, settings_key, sha256_json, shard_name)
 
 
 PAIRS_STREAM = 2**31  # pair i of seed s is seeded 2**31 + s * 0x9E3779B1 + i: never eval's noise (seed 0: i)
@@ -157,32 +142,11 @@ def _prompt_list(prompts) -> list[str]:
     return out
 
 
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
-
-
-def _read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not readable JSON ({exc}); delete the folder {out_dir} (or use another --out) "
-                        "and make the pairs again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a stepdistill pairs manifest; use another --out")
-    return manifest
-
-
-def _shard_key(manifest_settings: dict) -> str:
-    return _sha256_json({k: manifest_settings.get(k) for k in SETTINGS_KEYS})
 
 
 def _plan(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -237,7 +201,7 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     and memory, and the images only by float32 rounding. ``device``: default CUDA when available, else CPU.
     """
     from .backbones import in_channels, sample_size, unwrap
-    from .data import module_fingerprint
+
     from .solvers import SOLVERS
 
     if solver not in SOLVERS:
@@ -271,7 +235,7 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     if prompts is not None:
         prompt_list = _prompt_list(prompts)
         if prompt_encoder is None:
-            from .conditioning import PromptEncoder
+            from .prompts import PromptEncoder
 
             folder = loaded.folder
             if folder is None or not (Path(folder) / "model_index.json").is_file():
@@ -308,16 +272,16 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
         "seed": int(seed),
         "labels": label_mode,
         "num_classes": num_classes,
-        "prompts_sha256": _sha256_json(prompt_list) if prompt_list is not None else None,
+        "prompts_sha256": sha256_json(prompt_list) if prompt_list is not None else None,
         "shard_size": shard_size,
         "resolution": resolution,
         "channels": channels,
     }
-    key = _shard_key(settings)
+    key = settings_key(settings)
     plan = _plan(n, shard_size)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    old = _read_manifest(out_dir)
+    old = read_manifest(out_dir)
     done: dict[int, dict] = {}
     if old is not None:
         diffs = [k for k in SETTINGS_KEYS if old.get(k) != settings[k]]
@@ -334,7 +298,7 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     # leftovers: temporary files of interrupted writes, and shards the manifest does not list
     listed = {s["file"] for s in done.values()}
     for path in out_dir.iterdir():
-        if _TMP.match(path.name) or (_SHARD.match(path.name) and path.name not in listed):
+        if TMP_PATTERN.match(path.name) or (SHARD_PATTERN.match(path.name) and path.name not in listed):
             path.unlink()
 
     import diffusers
@@ -413,120 +377,6 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-# --------------------------------------------------------------------------------------------------------------
-# PairDataset
-# --------------------------------------------------------------------------------------------------------------
-
-class PairDataset(torch.utils.data.Dataset):
-    """The pairs in a ``make_pairs`` folder, loaded into memory.
-
-    Items: ``noise`` and ``image`` (float32 ``(C, H, W)``), ``class_label`` (int64) for class-conditional pairs, or
-    ``prompt_index`` plus the prompt's text conditioning (``encoder_hidden_states``, ... named as ``Cond`` fields,
-    so ``Cond.from_batch(batch)`` reads them) for prompt pairs. ``manifest`` is the folder's ``pairs.json``;
-    ``noise``, ``images``, ``labels`` (or ``prompt_index``) are the stacked tensors.
-
-    Raises :class:`~stepdistill.data.DataError` for a missing folder, a folder without a manifest or shards, an
-    unfinished run (unless ``allow_incomplete``: then the completed shards are served), and a manifest that does
-    not match its shards. ``verify=True`` also checks each shard's sha256 against the manifest.
-    """
-
-    def __init__(self, folder, *, allow_incomplete: bool = False, verify: bool = False):
-        from safetensors import safe_open
-
-        folder = Path(folder).expanduser()
-        hint = f"make them with `stepdistill make-pairs --teacher TEACHER --out {folder}`"
-        if not folder.is_dir():
-            raise DataError(f"pairs folder {folder} does not exist; {hint}")
-        manifest = _read_manifest(folder)
-        if manifest is None:
-            raise DataError(f"{folder} holds no {MANIFEST}, so it is not a pairs folder; {hint}")
-        shards = manifest.get("shards") or []
-        total = sum(s["count"] for s in shards)
-        rerun = "re-run the make-pairs command that made it to finish it"
-        if not shards:
-            raise DataError(f"{folder} holds no completed shard of pairs; {rerun}")
-        if not manifest.get("complete") and not allow_incomplete:
-            raise DataError(f"{folder} is unfinished: {total} of {manifest.get('n')} pairs "
-                            f"({len(shards)} of {manifest.get('num_shards')} shards); {rerun}")
-        key = _shard_key(manifest)
-        shape = (manifest["channels"], manifest["resolution"], manifest["resolution"])
-        cond_key = "prompt_index" if manifest.get("prompts") else "class_labels"
-        has_cond = manifest.get("labels") is not None
-        noise, images, conds, expected_start = [], [], [], 0
-        for k, shard in enumerate(sorted(shards, key=lambda s: s["start"])):
-            path = folder / shard["file"]
-            bad = f"the manifest {folder / MANIFEST} does not match its shards"
-            if not path.is_file():
-                raise DataError(f"{bad}: {shard['file']} is missing; {rerun}")
-            if shard["start"] != k * manifest["shard_size"]:
-                raise DataError(f"{bad}: shard {shard['file']} starts at {shard['start']}, expected "
-                                f"{k * manifest['shard_size']}; {rerun}")
-            if verify and shard.get("sha256") != file_sha256(path):
-                raise DataError(f"{bad}: {shard['file']} has another sha256 than the manifest records (changed or "
-                                f"damaged); delete it and {rerun}")
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    tensors = {name: f.get_tensor(name) for name in f.keys()}
-            except Exception as exc:
-                raise DataError(f"{path} is not a readable safetensors file ({exc}); delete it and {rerun}") from exc
-            problems = []
-            if meta.get("settings_key") != key:
-                problems.append("it was made with other settings")
-            for name in ("noise", "image"):
-                t = tensors.get(name)
-                if t is None or tuple(t.shape) != (shard["count"], *shape):
-                    problems.append(f"{name} has shape {None if t is None else tuple(t.shape)}, expected "
-                                    f"{(shard['count'], *shape)}")
-            if has_cond and (cond_key not in tensors or len(tensors[cond_key]) != shard["count"]):
-                problems.append(f"{cond_key} is missing or has the wrong length")
-            if "index" in tensors and not torch.equal(
-                    tensors["index"], torch.arange(shard["start"], shard["start"] + shard["count"])):
-                problems.append("its sample indices are not the ones the manifest lists")
-            if problems:
-                raise DataError(f"{bad}: {shard['file']}: {'; '.join(problems)}")
-            noise.append(tensors["noise"])
-            images.append(tensors["image"])
-            if has_cond:
-                conds.append(tensors[cond_key])
-            expected_start = shard["start"] + shard["count"]
-        if manifest.get("complete") and expected_start != manifest.get("n"):
-            raise DataError(f"the manifest {folder / MANIFEST} lists {expected_start} pairs in its shards but "
-                            f"n = {manifest.get('n')}; {rerun}")
-        self.folder, self.manifest = folder, manifest
-        self.noise, self.images = torch.cat(noise), torch.cat(images)
-        self.labels = torch.cat(conds) if has_cond and cond_key == "class_labels" else None
-        self.prompt_index = torch.cat(conds) if has_cond and cond_key == "prompt_index" else None
-        self.num_classes = manifest.get("num_classes")
-        self.prompts = manifest.get("prompts")
-        self.prompt_tensors = {}
-        if self.prompt_index is not None:
-            path = folder / PROMPT_EMBEDDINGS
-            if not path.is_file():
-                raise DataError(f"{folder} has prompt pairs but no {PROMPT_EMBEDDINGS}; {rerun}")
-            from safetensors.torch import load_file
-
-            self.prompt_tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("extra.")}
-
-    @property
-    def timesteps(self) -> list[float]:
-        return self.manifest["timesteps"]
-
-    def __len__(self):
-        return len(self.noise)
-
-    def __getitem__(self, i):
-        item = {"noise": self.noise[i], "image": self.images[i]}
-        if self.labels is not None:
-            item["class_label"] = self.labels[i]
-        if self.prompt_index is not None:
-            p = int(self.prompt_index[i])
-            item["prompt_index"] = self.prompt_index[i]
-            item["prompt"] = self.prompts[p]
-            item.update({k: v[p] for k, v in self.prompt_tensors.items()})
-        return item
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -68,12 +68,12 @@ def stage_configs(out: Path) -> dict[str, dict]:
 def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute_teacher: bool = False,
                    progress: bool = True) -> dict:
     """Run every stage into ``out``; returns (and writes to ``out/quickstart.json``) the timings and the figures."""
-    from .config import resolve
+    from .trainers import resolve
     from .metrics.commands import _summary
     from .metrics.nfe import BenchSettings, run_benchmark
     from .metrics.samplers import load_eval_model
     from .pairs import make_pairs
-    from .pipelines import export_run
+    from .runs import export_run
     from .trainers import build_trainer
 
     out = Path(out)

@@ -17,7 +17,7 @@ from tiny import TINY_SCHEDULER, TINY_UNET, tiny_teacher_raw
 
 @pytest.fixture
 def tiny_teacher_config(tmp_path):
-    from stepdistill.config import resolve
+    from stepdistill.trainers import resolve
 
     def make(**train):
         return resolve(tiny_teacher_raw(tmp_path / "run", **train))

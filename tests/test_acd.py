@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.consistency import PatchDiscriminator, consistency_loss
 from tiny import TINY_SCHEDULER, TINY_UNET
@@ -52,7 +54,7 @@ def test_patch_discriminator_sees_the_source_and_gives_a_logit_per_patch():
 def test_losses_are_consistency_plus_the_adversarial_terms(tmp_path):
     trainer = build_trainer(acd_run(tmp_path, sr_teacher(tmp_path), adv_weight=0.3, disc_width=8))
     o = trainer.objective
-    assert [p.name for p in o.phases()] == ["student", "discriminator"] and o.source_channels == 1
+    assert [p.name for p in o.phases(o.config)] == ["student", "discriminator"] and o.source_channels == 1
     outputs, seen = [], []
     f = o.f
     o.f = lambda *a: outputs.append(f(*a)) or outputs[-1]  # the student's output, then the target
@@ -82,7 +84,9 @@ def test_losses_are_consistency_plus_the_adversarial_terms(tmp_path):
 def test_acd_distils_a_super_resolution_teacher_into_an_image_conditioned_pipeline(tmp_path):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.pipelines import ImageConditionedPipeline, export_run
+    from stepdistill.pipelines import ImageConditionedPipeline
+
+    from stepdistill.runs import export_run
 
     teacher = sr_teacher(tmp_path)
     trainer = build_trainer(acd_run(tmp_path, teacher, disc_width=8))
@@ -113,7 +117,7 @@ def test_acd_distils_a_super_resolution_teacher_into_an_image_conditioned_pipeli
 def test_psnr_and_ssim_scores_and_the_super_resolution_eval(tmp_path):
     from stepdistill.metrics.nfe import BenchSettings, ReconstructionScores, run_benchmark
     from stepdistill.metrics.samplers import load_eval_model
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     target = torch.rand(4, 1, 16, 16)
     noisy = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)

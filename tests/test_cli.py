@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from stepdistill.cli import main
-from stepdistill.config import ConfigError, ModelConfig, load_config
+from stepdistill.config import ConfigError, ModelConfig
+from stepdistill.trainers import load_config
 from stepdistill.models import ModelLoadError, check_resolution, load_model
 from tiny import tiny_teacher_raw
 
@@ -47,7 +48,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, override, messag
 
 
 def test_overrides_may_follow_options(monkeypatch, capsys):
-    from stepdistill.pipelines import export
+    from stepdistill import runs as export
 
     seen = {}
     monkeypatch.setattr(export, "run_cli", lambda args: seen.update(vars(args)) or 0)

@@ -1,7 +1,9 @@
 import pytest
 import yaml
 
-from stepdistill.config import ConfigError, OptimConfig, load_config, resolve
+from stepdistill.config import ConfigError, OptimConfig
+
+from stepdistill.trainers import load_config, resolve
 from tiny import tiny_teacher_raw
 
 

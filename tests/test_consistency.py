@@ -5,7 +5,8 @@ import torch
 from diffusers import LCMScheduler
 
 from stepdistill import Cond
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+from stepdistill.trainers import resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.consistency import (ConsistencyObjective, boundary_scalings, consistency_function,
                                               consistency_loss, ema_update, lcm_grid)
@@ -114,7 +115,8 @@ def test_lcm_lora_trains_adapters_on_the_shared_teacher_without_a_target(tmp_pat
 
 
 def test_lcm_lora_targets_choose_the_adapted_modules_and_export_for_load_lora_weights(tmp_path, teacher_folder):
-    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+    from stepdistill.pipelines import ClassConditionalPipeline
+    from stepdistill.runs import export_run
 
     targets = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
     trainer = build_trainer(lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, lora_targets=targets))
@@ -144,7 +146,8 @@ def test_lcm_lora_targets_choose_the_adapted_modules_and_export_for_load_lora_we
 
 
 def test_lcm_lora_with_train_ema_exports_the_ema_of_the_adapters(tmp_path, teacher_folder):
-    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+    from stepdistill.pipelines import ClassConditionalPipeline
+    from stepdistill.runs import export_run
 
     r = lcm_run(tmp_path, teacher_folder, method="lcm_lora", lora_rank=4, target_ema=0.95)
     r.train.ema_decay = 0.5
@@ -202,7 +205,8 @@ def test_lcm_lora_target_ema_is_an_ema_of_the_adapters_on_the_shared_base(tmp_pa
 
 
 def test_exports_with_lcm_scheduler_and_samples_in_1_2_4_steps(tmp_path, teacher_folder):
-    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+    from stepdistill.pipelines import ClassConditionalPipeline
+    from stepdistill.runs import export_run
 
     trainer = build_trainer(lcm_run(tmp_path, teacher_folder))
     trainer.train(resume=None)
@@ -363,7 +367,9 @@ def test_segment_boundaries_are_the_trailing_ddim_timesteps():
 def test_tscd_trains_stage_by_stage_and_exports_ddim_trailing(tmp_path, teacher_folder):
     import json
 
-    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+    from stepdistill.pipelines import ClassConditionalPipeline
+
+    from stepdistill.runs import export_run
 
     run = lcm_run(tmp_path, teacher_folder, method="tscd", max_steps=4, num_ddim_timesteps=40)
     run.train.checkpoint_every, run.train.keep_checkpoints = 1, 4
@@ -421,7 +427,7 @@ def test_digits_recipes_train_on_the_shipped_teacher(tmp_path, recipe):
     import math
     from pathlib import Path
 
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
     trainer = build_trainer(load_config(path, [

@@ -10,7 +10,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
 
-from stepdistill.config import ConfigError, load_config
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import load_config
 from stepdistill.trainers import build_trainer
 from test_dmd_recipes import CONFIGS, LATENT, PROMPTS, assets  # noqa: F401  (the module fixture)
 
@@ -26,7 +28,7 @@ def tiny(name, assets, out, *extra):
 
 
 def test_lcm_sd15_trains_with_a_guidance_embedding_and_exports_for_lcm_scheduler(assets, tmp_path):
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     run = tiny("lcm_sd15", assets, tmp_path / "run", "objective.guidance_embedding_dim=16")
     assert run.objective.guidance_range == [6.0, 16.0] and run.objective.target_ema == 0.95
@@ -45,7 +47,7 @@ def test_lcm_sd15_trains_with_a_guidance_embedding_and_exports_for_lcm_scheduler
 
 
 def test_lcm_lora_sdxl_loads_on_the_base_pipeline_and_runs_4_steps(assets, tmp_path):
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     root, folders = assets
     run = tiny("lcm_lora_sdxl", assets, tmp_path / "run", "objective.lora_rank=4")
@@ -77,7 +79,7 @@ def test_lcm_lora_sdxl_loads_on_the_base_pipeline_and_runs_4_steps(assets, tmp_p
 def test_lcm_on_a_flow_transformer_exports_with_flow_match_lcm(assets, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     root, folders = assets
     overrides = [f"model.source={folders['sd3']}", f"data.path={root / 'prompts.jsonl'}", f"data.resolution={LATENT}",

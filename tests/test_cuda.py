@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from stepdistill.config import load_config
+from stepdistill.trainers import load_config
 from stepdistill.trainers import Callback, build_trainer
 from test_consistency_recipes import tiny
 from test_dmd_recipes import assets  # noqa: F401  (the module fixture)
@@ -43,7 +43,7 @@ def xformers_problem() -> str | None:
 def test_digits_recipe_trains_in_bf16_on_cuda_and_exports(name, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     run = load_config(CONFIGS / f"{name}.yaml", [
         f"output_dir={tmp_path / 'run'}", "train.max_steps=4", "train.batch_size=16", "train.mixed_precision=bf16",
@@ -74,7 +74,7 @@ def test_digits_recipe_trains_in_bf16_on_cuda_and_exports(name, tmp_path):
 
 def test_lcm_sd15_recipe_encodes_latents_on_the_gpu_and_sets_the_attention_of_every_unet(assets, tmp_path,
                                                                                         monkeypatch):
-    import stepdistill.data as data
+    import stepdistill.data.prompts as data
 
     xformers = xformers_problem() is None
     vae_devices, cache_latents = [], data.cache_latents

@@ -248,7 +248,8 @@ def test_sample_seeds_give_each_run_seed_its_own_stream():
 
 
 def test_super_resolution_sources_and_an_image_conditioned_teacher(tmp_path):
-    from stepdistill.config import ConfigError, resolve
+    from stepdistill.config import ConfigError
+    from stepdistill.trainers import resolve
     from stepdistill.data import build_dataset, low_resolution
     from stepdistill.trainers import build_trainer
     from tiny import TINY_UNET, tiny_teacher_raw

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from stepdistill import Cond
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+from stepdistill.trainers import resolve
 from stepdistill.denoiser import cfg
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.decoupled_dmd import ca_term, dm_term, normalize_per_sample, paper_tau_to_diffusers

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import resolve
 from stepdistill.trainers import DisBackTrainer, build_trainer
 from stepdistill.trainers.disback import path_files, record_due, target_index
 from tiny import tiny_teacher_raw
@@ -145,7 +147,7 @@ def test_digits_recipes_run_on_the_shipped_teacher(tmp_path):
     """configs/disback_digits_record.yaml then configs/disback_digits_1step.yaml on its path, a few steps each."""
     from pathlib import Path
 
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     quick = ["train.batch_size=4", "train.sample_every=0", "train.checkpoint_every=0", "train.progress=false"]

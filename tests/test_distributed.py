@@ -15,7 +15,7 @@ from tiny import tiny_teacher_raw
 SCRIPT = textwrap.dedent('''
     import sys, torch
     from safetensors.torch import save_file
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
     from stepdistill.trainers import build_trainer
 
     run = load_config(sys.argv[1], sys.argv[3:])
@@ -55,7 +55,7 @@ def test_torchrun_two_processes_hold_identical_weights(tmp_path):
     assert meta["world"] == 2
     assert (tmp_path / "run" / "checkpoints" / "step_0000003" / "rng_rank1.json").is_file()
     # each rank saw different data: 3 steps x 16 per rank; resume needs the same world size
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
     from stepdistill.trainers import build_trainer
     from stepdistill.trainers.checkpoint import CheckpointError
 

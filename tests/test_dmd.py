@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import (dmd_gradient, dmd_loss, gan_discriminator_loss, gan_generator_loss,
                                       pseudo_huber)
@@ -146,7 +148,7 @@ def test_regression_and_dmd_regression_term_fit_teacher_pairs(tmp_path, teacher_
     raw["objective"] = {"huber_c": 0.05}
     trainer = build_trainer(resolve(raw))
     o = trainer.objective
-    assert o.fake_score is None and [p.name for p in o.phases()] == ["generator"]
+    assert o.fake_score is None and [p.name for p in o.phases(o.config)] == ["generator"]
     batch = trainer._next_batch()
     loss, logs = o.loss("generator", batch, 0)
     with torch.no_grad():  # the loss is pseudo-Huber between G(noise) and the teacher's image from that noise
@@ -168,7 +170,8 @@ def test_regression_and_dmd_regression_term_fit_teacher_pairs(tmp_path, teacher_
 
 
 def test_lora_generator_and_fake_score_share_the_frozen_teacher_weights(tmp_path, teacher_folder):
-    from stepdistill.pipelines import ClassConditionalPipeline, export_run
+    from stepdistill.pipelines import ClassConditionalPipeline
+    from stepdistill.runs import export_run
 
     run = dmd_run(tmp_path, teacher_folder, generator_lora_rank=4, fake_score_lora_rank=4)
     trainer = build_trainer(run)

@@ -28,7 +28,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from stepdistill.config import load_config
+from stepdistill.trainers import load_config
 from stepdistill.trainers import build_trainer
 from tiny import clip_model, clip_tokenizer, t5_model, t5_tokenizer, tiny_vae
 
@@ -172,7 +172,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model_of_its_architecture(trained, na
 
 @pytest.mark.parametrize("name", ["dmd2_sd15", "dmd2_sdxl_4step"])
 def test_cfg_on_the_text_teacher_uses_the_null_prompt(trained, name):
-    from stepdistill.conditioning import PromptEncoder
+    from stepdistill.prompts import PromptEncoder
 
     run, trainer, cfg_calls = trained(name)
     folder = Path(run.model.source)

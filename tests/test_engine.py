@@ -6,9 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.config import ConfigError, OptimConfig, RunConfig, TrainConfig, decay_updates, resolve
+from stepdistill.config import ConfigError, OptimConfig, RunConfig, TrainConfig, decay_updates
+
+from stepdistill.trainers import resolve
 from stepdistill.data import TensorImages
-from stepdistill.trainers import Callback, DenoisingObjective, build_trainer, DistillTrainer, NonFiniteLoss, Objective, Phase
+from stepdistill.trainers import Callback, build_trainer, DistillTrainer, NonFiniteLoss, Objective, Phase
+from stepdistill.trainers.teacher import DenoisingObjective
 from stepdistill.trainers.checkpoint import CheckpointError, step_dirs
 
 
@@ -139,7 +142,8 @@ class Toy(Objective):
         self.critic = torch.nn.Linear(4, 1)
         self.nan_at = nan_at
 
-    def phases(self):
+    @classmethod
+    def phases(cls, config):
         return [Phase("gen", ("gen",)), Phase("critic", ("critic",))]
 
     def loss(self, phase, batch, step):

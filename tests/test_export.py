@@ -29,7 +29,7 @@ from diffusers import (
 )
 
 from stepdistill import Cond, Denoiser, NoiseSchedule
-from stepdistill.conditioning import PromptEncoder
+from stepdistill.prompts import PromptEncoder
 from stepdistill.pipelines import ExportError, ExportSpec, export_pipeline, get_recipe, sample_student
 from stepdistill.pipelines.sampling import student_timesteps
 
@@ -366,7 +366,7 @@ def teacher_run(tmp_path_factory):
     """A tiny class-conditional teacher run (2 steps, EMA, CFG 2 at 2 DDIM steps) and its trainer."""
     from tiny import tiny_teacher_raw
 
-    from stepdistill.config import resolve
+    from stepdistill.trainers import resolve
     from stepdistill.trainers import build_trainer
 
     root = tmp_path_factory.mktemp("teacher")
@@ -553,7 +553,7 @@ def test_bare_teacher_folder_as_base(tmp_path):
 def test_export_run_without_checkpoint_or_config(teacher_run, tmp_path, capsys):
     from stepdistill.cli import main
     from stepdistill.config import ConfigError
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
     from stepdistill.trainers.checkpoint import CheckpointError
 
     run_dir, _ = teacher_run
@@ -572,7 +572,7 @@ def test_export_run_without_checkpoint_or_config(teacher_run, tmp_path, capsys):
 def test_export_run_with_a_checkpoint_that_does_not_fit(teacher_run, tmp_path):
     import yaml
 
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
     from stepdistill.trainers.checkpoint import CheckpointError
 
     run_dir, _ = teacher_run

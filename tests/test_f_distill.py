@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stepdistill import Cond
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+from stepdistill.trainers import resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.dmd import dmd_gradient
 from stepdistill.trainers.f_distill import (Divergence, FDistillConfig, density_ratio, f_distill_gradient, f_weight,

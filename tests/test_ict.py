@@ -7,7 +7,9 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler
 
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import resolve
 from stepdistill.trainers import build_trainer
 from stepdistill.trainers.ict import (cm_scalings, discretization_steps, ict_loss, karras_sigmas,
                                      lognormal_index_probs)
@@ -56,7 +58,7 @@ def test_trains_from_data_alone_and_exports_a_stock_consistency_pipeline(tmp_pat
 
     from diffusers import ConsistencyModelPipeline, DiffusionPipeline
 
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     trainer = build_trainer(ict_run(tmp_path))
     o = trainer.objective
@@ -141,7 +143,7 @@ def test_dropout_reaches_the_unet_and_the_target_shares_the_students_mask(tmp_pa
 
     o.model = DropOnes().train()
     batch = {"image": torch.randn(8, 1, 8, 8)}
-    loss, _ = o.loss(o.phases()[0], batch, step=0)
+    loss, _ = o.loss(o.phases(o.config)[0], batch, step=0)
     assert float(loss) == 0.0
     bad = ict_run(tmp_path / "bad")
     bad.objective.dropout = 1.0
@@ -155,7 +157,7 @@ def test_sample_timesteps_reach_the_trainers_sampler_the_export_and_its_card(tmp
     from diffusers import DiffusionPipeline
 
     from stepdistill.metrics.samplers import load_eval_model
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     run = ict_run(tmp_path)
     run.objective.student_steps, run.objective.sample_timesteps = 2, [6, 0]  # final grid: N = 9, timesteps 0..8

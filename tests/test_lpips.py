@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import resolve
 from stepdistill.lpips import LPIPSError, load_lpips, lpips_distance
 from tiny import tiny_dmd_raw
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stepdistill import Cond
-from stepdistill.config import ConfigError, resolve
+from stepdistill.config import ConfigError
+from stepdistill.trainers import resolve
 from stepdistill.pipelines.routing import merge, owners, route, route_call
 from stepdistill.trainers import MSDTrainer, build_trainer
 from stepdistill.trainers.msd import even_partition, owner_table, tsm_loss
@@ -96,7 +97,7 @@ def test_msd_routes_per_sample_and_keeps_ttur(tmp_path, teacher_folder):
     o = trainer.objective
     assert o.partition == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and len(o.students) == 2
     assert len(o.fake_score.members) == 2 and len(o.disc_head.heads) == 2  # per-student fake scores and heads
-    assert [p.name for p in o.phases()] == ["generator", "critic"]
+    assert [p.name for p in o.phases(o.config)] == ["generator", "critic"]
     labels_seen = {0: [], 1: []}
     hooks = [s.backbone.register_forward_pre_hook(
         lambda m, args, kwargs, k=k: labels_seen[k].extend(kwargs["class_labels"].tolist()), with_kwargs=True)
@@ -226,7 +227,7 @@ def test_export_routes_each_class_to_its_student(tmp_path, teacher_folder):
     assert model.num_classes == 10 and model.default_nfe == [1] and model.timesteps == [999]
     assert model.sample(range(4), nfe=1, seed=0).shape == (4, 1, 8, 8)
     # `stepdistill export RUN`: the run's latest checkpoint, rebuilt from its config, gives the same pipeline
-    from stepdistill.pipelines import export_run
+    from stepdistill.runs import export_run
 
     with pytest.warns(UserWarning, match="msd_tsm"):
         from_run = export_run(trainer.output_dir, tmp_path / "from_run")
@@ -250,7 +251,7 @@ def test_digits_recipes_run_on_the_shipped_teacher(tmp_path):
     """configs/msd_tsm_digits.yaml then configs/msd_digits_1step.yaml with its smaller students, a step each."""
     from pathlib import Path
 
-    from stepdistill.config import load_config
+    from stepdistill.trainers import load_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     quick = ["train.max_steps=1", "train.batch_size=4", "train.sample_every=0", "train.checkpoint_every=0",

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from stepdistill.config import ConfigError, load_config
+from stepdistill.config import ConfigError
+
+from stepdistill.trainers import load_config
 from stepdistill.pipelines.routing import prompt_owner, prompt_owners
 from stepdistill.trainers import build_trainer
 from test_dmd_recipes import CONFIGS, LATENT, PROMPTS, sd_folder  # PROMPTS: a cat, zebra, a big dog, the sun
@@ -85,7 +87,9 @@ def test_prompts_without_a_student_are_refused_before_training(sd, tmp_path):
 def test_export_routes_each_prompt_to_its_student(sd, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.pipelines import MultiStudentTextPipeline, export_run
+    from stepdistill.pipelines import MultiStudentTextPipeline
+
+    from stepdistill.runs import export_run
     from stepdistill.models import prompt_encoder_for
 
     run = text_run(sd, tmp_path / "run", f"objective.prompt_partition={json.dumps(KEYWORDS)}")

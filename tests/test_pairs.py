@@ -11,7 +11,8 @@ from stepdistill.conditioning import Cond
 from stepdistill.config import ModelConfig
 from stepdistill.data import DataError, collate
 from stepdistill.models import build_model, load_model, save_model
-from stepdistill.pairs import PairDataset, make_pairs, pair_timesteps
+from stepdistill.data import PairDataset
+from stepdistill.pairs import make_pairs, pair_timesteps
 from stepdistill.solvers import sample
 from tiny import TINY_SCHEDULER, TINY_UNET
 
@@ -190,7 +191,7 @@ def test_pair_dataset_round_trip_and_errors(teacher, tmp_path):
 def test_prompt_pairs_store_the_prompt_index_and_embeddings(tmp_path):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from stepdistill.conditioning import PromptEncoder
+    from stepdistill.prompts import PromptEncoder
     from stepdistill.denoiser import Denoiser
     from stepdistill.models import LoadedModel
     from stepdistill.schedule import NoiseSchedule

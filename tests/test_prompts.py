@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdistill.conditioning import Cond, PromptEncoder, prompt_family
+from stepdistill.conditioning import Cond
+from stepdistill.prompts import PromptEncoder, prompt_family
 from stepdistill.data import DataError, PromptDataset, PromptRecord, ResumableBatches, read_prompts
 
 from tiny import MAX_LEN, clip_model, clip_tokenizer, t5_model, t5_tokenizer

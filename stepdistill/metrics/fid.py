@@ -23,7 +23,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..data import DataError, tensor_digest, to_uint8
+from ..cache import tensor_digest
+from ..data import DataError, to_uint8
 from .features import FeatureSpec, create_extractor, extract, resolve_features
 
 METRICS = ("fid", "kid", "prc", "isc")
@@ -225,7 +226,7 @@ def reference_features(desc: dict, images_uint8: torch.Tensor, extractor, spec: 
     The cache key holds the data set, resolution, extractor, its weights sha256, the layers and a digest of the
     images themselves, so any change recomputes. ``cache_dir=False`` disables the cache.
     """
-    from ..data import load_tensor_cache, save_tensor_cache
+    from ..cache import load_tensor_cache, save_tensor_cache
 
     layers = sorted(set(spec.layers.values()))
     key_fields = {"version": CACHE_VERSION, "dataset": desc["name"], "resolution": desc["resolution"],

@@ -147,7 +147,7 @@ def _resolve_folder(source: str) -> Path:
 
 
 def _fingerprint(module) -> str | None:
-    from ..data import module_fingerprint
+    from ..cache import module_fingerprint
 
     try:
         return module_fingerprint(module)

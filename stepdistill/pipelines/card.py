@@ -1,7 +1,17 @@
-"""The model card (README.md) written into every export."""
+"""What every export says about itself: ``stepdistill.json`` (the export's facts, read by evaluation), the
+resolved training config, and the model card (README.md) with the exact call."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from .. import __version__, backbones
+from ..config import RunConfig, save_config
+from .sampling import student_timesteps
+from .spec import OWN_PIPELINES, ExportSpec
 
 
 def _py(value) -> str:
@@ -139,3 +149,104 @@ def _scheduler_summary(config: dict) -> str:
     keys = ("timestep_spacing", "steps_offset", "original_inference_steps", "trained_timesteps", "prediction_type",
             "shift", "shift_terminal", "rescale_betas_zero_snr")
     return ", ".join(f"{k}={config[k]!r}" for k in keys if config.get(k) is not None)
+
+
+# ---------------------------------------------------------------------------------------------- stepdistill.json
+META_FILE = "stepdistill.json"
+
+
+CONFIG_FILE = "training_config.yaml"
+
+
+def other_steps(recipe, scheduler, pipe_name) -> dict[int, list[float]]:
+    """What an x0-then-fresh-noise sampler (lcm, tcd, flow_lcm) runs at 1, 2, 4 and 8 steps besides the trained
+    count: consistency students are sampled at several."""
+    if recipe.sampler not in ("lcm", "tcd", "flow_lcm"):
+        return {}
+    other = {}
+    for k in (1, 2, 4, 8):
+        try:
+            if k != recipe.num_inference_steps:
+                other[k] = student_timesteps(scheduler, k, pipe_name)
+        except ValueError:  # LCM / TCDScheduler: more steps than its original_inference_steps grid
+            break
+    return other
+
+
+def export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra) -> dict:
+    recipe = spec.recipe
+    config = backbones.unwrap(backbone).config
+    kwargs = {"num_inference_steps": recipe.num_inference_steps}
+    if pipe_name not in ("DDPMPipeline", "ImageConditionedPipeline") and not (pipe_name == "FluxPipeline"
+                                                                              and mode != "embedded"):
+        kwargs["guidance_scale"] = scale
+    if pipe_name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline") and config.get("sample_size") not in (32, 64, 128):
+        kwargs["use_resolution_binning"] = False
+    if pipe_name == "FluxPipeline" and spec.image_size:
+        kwargs["height"] = kwargs["width"] = int(spec.image_size)
+    if recipe.eta is not None:
+        kwargs["eta"] = recipe.eta
+    kwargs.update(extra or {})
+    if pipe_name in ("DDPMPipeline",):
+        call_input = "batch_size"
+    elif pipe_name in ("DiTPipeline",):
+        call_input = "class_labels"
+    elif pipe_name == "ClassConditionalPipeline":
+        call_input = "class_labels" if config.get("num_class_embeds") else "batch_size"
+    elif pipe_name == "ImageConditionedPipeline":
+        call_input = "image"
+    else:
+        call_input = "prompt"
+    needs = pipe_name in OWN_PIPELINES or not hasattr(__import__("diffusers"), type(scheduler).__name__)
+    dtype = next((p.dtype for p in backbone.parameters()), torch.float32)
+    return {
+        "name": name,
+        "pipeline": pipe_name,
+        "pipeline_tag": {"prompt": "text-to-image", "image": "image-to-image"}.get(call_input,
+                                                                                   "unconditional-image-generation"),
+        "needs_stepdistill": needs,
+        "trust_remote_code": needs,
+        "denoiser": type(backbone).__name__,
+        "recipe": recipe.as_dict(),
+        "scheduler": type(scheduler).__name__,
+        "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+        "num_inference_steps": recipe.num_inference_steps,
+        "timesteps": ts,
+        "other_steps": other_steps(recipe, scheduler, pipe_name),
+        "guidance": {"mode": mode, "guidance_scale": scale},
+        "nfe_per_image": recipe.num_inference_steps * (2 if mode == "cfg" else 1),
+        "call": {"input": call_input, "kwargs": kwargs,
+                 **({"source_resolution": spec.meta.get("source_resolution"),
+                     "source_channels": config.in_channels - config.out_channels} if call_input == "image" else {})},
+        "lora": lora_info,
+        "variants": list(variants),
+        "dtype": str(dtype).replace("torch.", ""),
+        "method": spec.method,
+        "base_model": spec.base_model,
+        "training_steps": spec.training_steps,
+        "metrics": dict(spec.metrics or {}),
+        "checkpoint": spec.meta.get("checkpoint"),
+        "ema": spec.meta.get("ema"),
+        "has_config": spec.config is not None,
+    }
+
+
+def write_meta(folder: Path, spec: ExportSpec, info: dict) -> None:
+    meta = {k: v for k, v in spec.meta.items() if k not in ("checkpoint", "ema")}
+    meta.update({"stepdistill_version": __version__, "prediction_type": spec.student.prediction_type})
+    # the sampling defaults at the top level too, where evaluation looks first
+    meta.update({"num_inference_steps": info["num_inference_steps"],
+                 "guidance_scale": info["guidance"]["guidance_scale"]})
+    if info["recipe"].get("eta") is not None:
+        meta["eta"] = info["recipe"]["eta"]
+    if all(float(t).is_integer() for t in info["timesteps"]):
+        meta["timesteps"] = [int(t) for t in info["timesteps"]]
+    if spec.num_classes is not None:
+        meta["num_classes"] = spec.num_classes
+    (folder / META_FILE).write_text(json.dumps({**meta, "export": info}, indent=1, default=str) + "\n")
+    if spec.config is not None:
+        if isinstance(spec.config, RunConfig):
+            save_config(spec.config, folder / CONFIG_FILE)
+        else:
+            (folder / CONFIG_FILE).write_text(yaml.safe_dump(spec.config, sort_keys=False))
+    (folder / "README.md").write_text(render(info, meta))

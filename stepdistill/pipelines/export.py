@@ -3,8 +3,8 @@ student's trained steps.
 
 - :func:`export_pipeline` writes an in-memory student (a :class:`~stepdistill.Denoiser`, or an
   :class:`ExportSpec` from ``objective.export_spec()``) with a :class:`~stepdistill.pipelines.recipes.Recipe`.
-- :func:`export_run` (``stepdistill export RUN_DIR --out DIR``) rebuilds a run's objective from its
-  ``config.yaml``, loads a checkpoint (the latest, or ``checkpoint=``), puts in the EMA weights and exports.
+- :func:`stepdistill.runs.export_run` (``stepdistill export RUN_DIR --out DIR``) rebuilds a run's objective from
+  its ``config.yaml``, loads a checkpoint (the latest, or ``checkpoint=``), puts in the EMA weights and exports.
 
 Stock pipelines per backbone (they load with plain Diffusers):
 
@@ -37,26 +37,22 @@ import json
 import os
 import shutil
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .. import backbones
 from ..denoiser import Denoiser
 from ._shim import write_shim
-from .recipes import ExportError, Recipe, as_loaded, get_recipe
+from .card import META_FILE, export_info, write_meta
+from .recipes import ExportError, Recipe, get_recipe
 from .sampling import student_timesteps
+from .spec import (OWN_PIPELINES, ExportSpec, export_scheduler, guidance_plan, pipeline_for, quiet_diffusers,
+                   scheduler_from_schedule)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-META_FILE = "stepdistill.json"
-CONFIG_FILE = "training_config.yaml"
 VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FORMATS = ("diffusers", "fused", "both")
-#: pipelines of this package (need stepdistill and trust_remote_code to load)
-OWN_PIPELINES = ("ClassConditionalPipeline", "ImageConditionedPipeline")
 #: the component a pipeline's LoRA loader takes (``save_lora_weights(<prefix>_lora_layers=...)``)
 LORA_PREFIX = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
                "LatentConsistencyModelPipeline": "unet", "StableDiffusion3Pipeline": "transformer",
@@ -72,122 +68,9 @@ REQUIRED = {
     "StableDiffusion3Pipeline": ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
     "FluxPipeline": ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
 }
-PIPELINES_FOR = {
-    "UNet2DModel": ("DDPMPipeline", "ClassConditionalPipeline", "ImageConditionedPipeline"),
-    "UNet2DConditionModel": ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                             "LatentConsistencyModelPipeline"),
-    "DiTTransformer2DModel": ("DiTPipeline",),
-    "PixArtTransformer2DModel": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
-    "SD3Transformer2DModel": ("StableDiffusion3Pipeline",),
-    "FluxTransformer2DModel": ("FluxPipeline",),
-}
-CFG_PIPELINES = ("ClassConditionalPipeline", "DiTPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                 "PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline")
-
-
-@dataclass
-class ExportSpec:
-    """What an objective tells export about its student (``Objective.export_spec()``).
-
-    ``student``: the Denoiser to export (its backbone, schedule and prediction type; LoRA adapters if any).
-    ``recipe``: the scheduler, steps and guidance it samples with. ``base_scheduler``: the teacher's scheduler
-    (the noise schedule the recipe's scheduler is built on). ``base_folder``: a Diffusers folder to take the VAE
-    and text components from (the teacher's). ``timesteps``: the timesteps the student was trained at, if the
-    objective fixed them — export checks that the pipeline runs exactly these. The rest describes the model card.
-    """
-
-    student: Denoiser
-    recipe: Recipe
-    base_scheduler: Any = None
-    method: str = "unknown"
-    base_model: str | None = None
-    base_folder: str | Path | None = None
-    num_classes: int | None = None
-    image_size: int | None = None
-    timesteps: list[float] | None = None
-    training_steps: int | None = None
-    metrics: dict = field(default_factory=dict)
-    config: Any = None
-    meta: dict = field(default_factory=dict)
-    pipeline: str | None = None  # override the pipeline class (e.g. StableDiffusionPipeline for an LCM student)
-
-    @property
-    def pipeline_name(self) -> str:
-        return pipeline_for(self.student, _base_class(self.base_folder), self.pipeline)
-
-    @property
-    def scheduler(self):
-        """The scheduler the student samples with, as the exported pipeline will hold it."""
-        return export_scheduler(self.student, self.recipe, self.base_scheduler, self.pipeline_name)
-
-    def run_timesteps(self) -> list[float]:
-        """The timesteps the exported pipeline runs: the ones a K-step student must be trained at."""
-        return student_timesteps(self.scheduler, self.recipe.num_inference_steps, self.pipeline_name)
-
-
-def _base_class(base_folder) -> str | None:
-    if not base_folder:
-        return None
-    index = Path(base_folder) / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    return name if isinstance(name, str) else None
-
-
-def export_scheduler(student: Denoiser, recipe: Recipe, base_scheduler=None, pipeline: str | None = None):
-    """The scheduler an export of ``student`` with ``recipe`` writes (as ``pipeline`` will hold it)."""
-    pipeline = pipeline or pipeline_for(student)
-    base = base_scheduler if base_scheduler is not None else _scheduler_from_schedule(student)
-    with _quiet():
-        return as_loaded(recipe.make_scheduler(base, student.prediction_type, pipeline), pipeline)
-
-
-def export_timesteps(student: Denoiser, recipe: Recipe, base_scheduler=None,
-                     pipeline: str | None = None) -> list[float]:
-    """The timesteps an export of ``student`` with ``recipe`` runs — what a K-step student must be trained at.
-
-    Trainers call this once (with the teacher's scheduler) and train at exactly these timesteps."""
-    pipeline = pipeline or pipeline_for(student)
-    scheduler = export_scheduler(student, recipe, base_scheduler, pipeline)
-    return student_timesteps(scheduler, recipe.num_inference_steps, pipeline)
 
 
 # ---------------------------------------------------------------------------------------------- choosing
-def pipeline_for(student: Denoiser, base_class: str | None = None, override: str | None = None) -> str:
-    """The pipeline class name an export of ``student`` uses (``override`` if it fits the backbone)."""
-    fam = student.family
-    config = backbones.unwrap(student.backbone).config
-    allowed = list(PIPELINES_FOR[fam])
-    if fam == "UNet2DModel":
-        has_classes = bool(config.get("num_class_embeds")) or config.get("class_embed_type") is not None
-        if config.in_channels != config.out_channels:  # the source image is concatenated on channels
-            if has_classes:
-                raise ExportError("a class-conditional image-conditioned UNet2DModel has no pipeline yet")
-            allowed, default = ["ImageConditionedPipeline"], "ImageConditionedPipeline"
-        else:
-            allowed.remove("ImageConditionedPipeline")
-            default = "ClassConditionalPipeline" if has_classes else "DDPMPipeline"
-            if has_classes:
-                allowed.remove("DDPMPipeline")
-    elif fam == "UNet2DConditionModel":
-        if config.get("addition_embed_type") == "text_time":
-            allowed = ["StableDiffusionXLPipeline"]
-        else:
-            allowed.remove("StableDiffusionXLPipeline")
-            if not config.get("time_cond_proj_dim"):
-                allowed.remove("LatentConsistencyModelPipeline")
-        default = ("StableDiffusionXLPipeline" if allowed == ["StableDiffusionXLPipeline"] else
-                   "LatentConsistencyModelPipeline" if config.get("time_cond_proj_dim") else "StableDiffusionPipeline")
-        if config.get("class_embed_type") or config.get("num_class_embeds"):
-            raise ExportError("a class-conditional UNet2DConditionModel has no stock text-to-image pipeline")
-    elif fam == "PixArtTransformer2DModel":
-        default = "PixArtSigmaPipeline" if base_class and "Sigma" in base_class else "PixArtAlphaPipeline"
-    else:
-        default = allowed[0]
-    if override is None:
-        return default
-    if override not in allowed:
-        raise ExportError(f"pipeline {override!r} does not fit this {fam} student; use one of {', '.join(allowed)}")
-    return override
 
 
 def pipeline_class(name: str):
@@ -200,34 +83,7 @@ def pipeline_class(name: str):
     return getattr(diffusers, name)
 
 
-def guidance_plan(student: Denoiser, recipe: Recipe, pipeline: str) -> tuple[str, float]:
-    """(mode, guidance_scale): ``embedded`` (fed to a guidance embedding), ``cfg`` (CFG at that scale) or ``none``."""
-    config = backbones.unwrap(student.backbone).config
-    embedded = bool(config.get("time_cond_proj_dim")) or bool(config.get("guidance_embeds"))
-    s = recipe.guidance_scale
-    if embedded:
-        if s is None:
-            raise ExportError("this student has a guidance embedding (time_cond_proj_dim / guidance_embeds): give "
-                              "the recipe the guidance_scale it was trained for (the value fed to the embedding)")
-        return "embedded", float(s)
-    s = 1.0 if s is None else float(s)
-    if s < 1:
-        raise ExportError(f"guidance_scale {s} < 1: use 1.0 for a student without guidance (CFG baked in) or the "
-                          "CFG scale (> 1) the student samples with")
-    if s == 1:
-        return "none", 1.0
-    if pipeline not in CFG_PIPELINES:
-        raise ExportError(f"{pipeline} has no classifier-free guidance, but the recipe asks for guidance_scale={s}: "
-                          "distil the guidance into the student and export with guidance_scale=1.0")
-    if pipeline == "DiTPipeline" and student.null_class != 1000:
-        raise ExportError(f"DiTPipeline's CFG uses the null class 1000, but this student's null class is "
-                          f"{student.null_class}: export with guidance_scale=1.0 (guidance distilled)")
-    if pipeline == "ClassConditionalPipeline" and student.null_class is None:
-        raise ExportError("CFG with class labels needs the student's null class (Denoiser.null_class)")
-    return "cfg", s
-
-
-def _check_fit(student: Denoiser, recipe: Recipe, pipeline: str, scheduler, timesteps: list[float]) -> None:
+def check_fit(student: Denoiser, recipe: Recipe, pipeline: str, scheduler, timesteps: list[float]) -> None:
     kind = student.schedule.kind
     saved = type(scheduler).from_config(scheduler.config).config.get("prediction_type")
     if kind == "vp" and saved != student.prediction_type:
@@ -340,7 +196,7 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
-def _read_index(folder: Path | None) -> dict:
+def read_index(folder: Path | None) -> dict:
     """The base folder's model_index.json ({} for a bare model folder such as the digits teacher's)."""
     if folder is None:
         return {}
@@ -350,7 +206,8 @@ def _read_index(folder: Path | None) -> dict:
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
+def prepare_folder(out_dir: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside ``out_dir`` to write an export into (see :func:`publish_folder`)."""
     if out_dir.exists():
         if not overwrite:
             raise ExportError(f"{out_dir} already exists; choose another --out or pass --overwrite")
@@ -363,30 +220,11 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def publish_folder(tmp: Path, out_dir: Path) -> None:
+    """Put the finished temporary folder in place of ``out_dir`` (a reader sees the old export or the new one)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-
-
-def _quiet():
-    """Silence Diffusers' deprecation chatter while pipelines are assembled (we set the values it warns about)."""
-    from diffusers.utils import logging as dlogging
-
-    class _Ctx:
-        def __enter__(self):
-            self.level = dlogging.get_verbosity()
-            dlogging.set_verbosity_error()
-            self.w = warnings.catch_warnings()
-            self.w.__enter__()
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-
-        def __exit__(self, *exc):
-            self.w.__exit__(*exc)
-            dlogging.set_verbosity(self.level)
-
-    return _Ctx()
 
 
 def _assemble(pipeline: str, scheduler, components: dict, linked: dict, base_index: dict, denoiser_name: str,
@@ -400,7 +238,7 @@ def _assemble(pipeline: str, scheduler, components: dict, linked: dict, base_ind
     kwargs["scheduler"] = scheduler
     kwargs[denoiser_name] = None
     kwargs.update({k: v for k, v in extra_init.items() if k in optional or k in expected})
-    with _quiet():
+    with quiet_diffusers():
         pipe = cls(**kwargs)
         pipe.save_pretrained(folder, safe_serialization=True)
         for variant in variants:
@@ -435,7 +273,7 @@ def _gather_components(pipeline: str, components: dict | None, base_folder: Path
     for name in (denoiser_name, "scheduler"):
         if name in components:
             raise ExportError(f"components must not include {name!r}: export writes the student's {name}")
-    base_index = _read_index(base_folder)
+    base_index = read_index(base_folder)
     linked = {}
     for name in expected:
         if name in (denoiser_name, "scheduler") or name in components:
@@ -486,14 +324,14 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     student, recipe = spec.student, spec.recipe
     backbone = backbones.unwrap(student.backbone)
     base_folder = Path(spec.base_folder).expanduser() if spec.base_folder else None
-    base_index = _read_index(base_folder) if base_folder else {}
+    base_index = read_index(base_folder) if base_folder else {}
     pipe_name = pipeline_for(student, base_index.get("_class_name") if isinstance(base_index.get("_class_name"), str)
                              else None, pipeline or spec.pipeline)
     denoiser_name = "unet" if "UNet" in type(backbone).__name__ else "transformer"
 
     # the scheduler, as the pipeline will hold it, and the timesteps it runs
     scheduler = export_scheduler(student, recipe, spec.base_scheduler, pipe_name)
-    with _quiet():
+    with quiet_diffusers():
         try:
             ts = student_timesteps(scheduler, recipe.num_inference_steps, pipe_name)
         except ValueError as exc:
@@ -510,7 +348,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
                           f"sampling at t={ts[0]:g} (of {total:g}): a few-step student must start from noise. Use "
                           "ddim_trailing or lcm (DDPM/DDIM 'leading' spacing runs one step at t=0), or give the "
                           "recipe explicit timesteps")
-    _check_fit(student, recipe, pipe_name, scheduler, ts)
+    check_fit(student, recipe, pipe_name, scheduler, ts)
     if recipe.eta is not None and "eta" not in inspect.signature(pipeline_class(pipe_name).__call__).parameters:
         raise ExportError(f"recipe {recipe.name!r} samples with eta={recipe.eta} (TCD's gamma), but {pipe_name}'s call "
                           "takes no eta: export with the lcm recipe, or to a pipeline that passes eta to its scheduler")
@@ -543,7 +381,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
         extra_init.update(num_inference_steps=recipe.num_inference_steps,
                           source_resolution=(spec.meta or {}).get("source_resolution"), eta=recipe.eta)
 
-    tmp = _prepare_out(out_dir, overwrite)
+    tmp = prepare_folder(out_dir, overwrite)
     try:
         main_state = plain_state_dict(backbone, merge=is_lora and lora_format == "fused")
         _check_keys(backbone, main_state)
@@ -558,7 +396,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
             if lora_format in ("diffusers", "both"):
                 layers, config_dict = _lora_payload(backbone, pipe_name)
                 prefix = LORA_PREFIX[pipe_name]
-                with _quiet():
+                with quiet_diffusers():
                     pipeline_class(pipe_name).save_lora_weights(
                         str(tmp), **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": config_dict},
                         weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
@@ -566,15 +404,15 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
                 fused = plain_state_dict(backbone, merge=True)
                 _assemble(pipe_name, scheduler, components, linked, base_index, denoiser_name, backbone, fused,
                           tmp / "fused", variants, extra_init)
-        info = _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra)
-        _write_meta(tmp, spec, info)
+        info = export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra)
+        write_meta(tmp, spec, info)
         if lora_format == "both" and is_lora:
             fused_info = {**info, "lora": {**lora_info, "format": "fused", "weight_name": None, "fused_folder": None}}
-            _write_meta(tmp / "fused", spec, fused_info)
+            write_meta(tmp / "fused", spec, fused_info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, out_dir)
+    publish_folder(tmp, out_dir)
     return out_dir
 
 
@@ -601,271 +439,13 @@ def _resolve_spec(student, recipe, *, steps, guidance_scale, **fields) -> Export
         raise ExportError("export needs a recipe (e.g. get_recipe('lcm_uniform', steps=4)); see "
                           "stepdistill.pipelines.RECIPES")
     if spec.base_scheduler is None:
-        spec.base_scheduler = _scheduler_from_schedule(spec.student)
+        spec.base_scheduler = scheduler_from_schedule(spec.student)
     return spec
 
 
-def _scheduler_from_schedule(student: Denoiser):
-    """A scheduler config for a Denoiser's own schedule (when no teacher scheduler is given)."""
-    schedule = student.schedule
-    if schedule.kind == "flow":
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift)
-    from diffusers import DDPMScheduler
-
-    abar = schedule.alphas_cumprod.to(torch.float64)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    betas = (1 - abar / prev).clamp(0, 1)
-    return DDPMScheduler(num_train_timesteps=len(abar), trained_betas=betas.tolist(),
-                         prediction_type=student.prediction_type if student.prediction_type != "flow" else "epsilon",
-                         timestep_spacing="trailing")
-
-
-def _other_steps(recipe, scheduler, pipe_name) -> dict[int, list[float]]:
-    """What an x0-then-fresh-noise sampler (lcm, tcd, flow_lcm) runs at 1, 2, 4 and 8 steps besides the trained
-    count: consistency students are sampled at several."""
-    if recipe.sampler not in ("lcm", "tcd", "flow_lcm"):
-        return {}
-    other = {}
-    for k in (1, 2, 4, 8):
-        try:
-            if k != recipe.num_inference_steps:
-                other[k] = student_timesteps(scheduler, k, pipe_name)
-        except ValueError:  # LCM / TCDScheduler: more steps than its original_inference_steps grid
-            break
-    return other
-
-
-def _export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra) -> dict:
-    recipe = spec.recipe
-    config = backbones.unwrap(backbone).config
-    kwargs = {"num_inference_steps": recipe.num_inference_steps}
-    if pipe_name not in ("DDPMPipeline", "ImageConditionedPipeline") and not (pipe_name == "FluxPipeline"
-                                                                              and mode != "embedded"):
-        kwargs["guidance_scale"] = scale
-    if pipe_name in ("PixArtAlphaPipeline", "PixArtSigmaPipeline") and config.get("sample_size") not in (32, 64, 128):
-        kwargs["use_resolution_binning"] = False
-    if pipe_name == "FluxPipeline" and spec.image_size:
-        kwargs["height"] = kwargs["width"] = int(spec.image_size)
-    if recipe.eta is not None:
-        kwargs["eta"] = recipe.eta
-    kwargs.update(extra or {})
-    if pipe_name in ("DDPMPipeline",):
-        call_input = "batch_size"
-    elif pipe_name in ("DiTPipeline",):
-        call_input = "class_labels"
-    elif pipe_name == "ClassConditionalPipeline":
-        call_input = "class_labels" if config.get("num_class_embeds") else "batch_size"
-    elif pipe_name == "ImageConditionedPipeline":
-        call_input = "image"
-    else:
-        call_input = "prompt"
-    needs = pipe_name in OWN_PIPELINES or not hasattr(__import__("diffusers"), type(scheduler).__name__)
-    dtype = next((p.dtype for p in backbone.parameters()), torch.float32)
-    return {
-        "name": name,
-        "pipeline": pipe_name,
-        "pipeline_tag": {"prompt": "text-to-image", "image": "image-to-image"}.get(call_input,
-                                                                                   "unconditional-image-generation"),
-        "needs_stepdistill": needs,
-        "trust_remote_code": needs,
-        "denoiser": type(backbone).__name__,
-        "recipe": recipe.as_dict(),
-        "scheduler": type(scheduler).__name__,
-        "scheduler_config": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-        "num_inference_steps": recipe.num_inference_steps,
-        "timesteps": ts,
-        "other_steps": _other_steps(recipe, scheduler, pipe_name),
-        "guidance": {"mode": mode, "guidance_scale": scale},
-        "nfe_per_image": recipe.num_inference_steps * (2 if mode == "cfg" else 1),
-        "call": {"input": call_input, "kwargs": kwargs,
-                 **({"source_resolution": spec.meta.get("source_resolution"),
-                     "source_channels": config.in_channels - config.out_channels} if call_input == "image" else {})},
-        "lora": lora_info,
-        "variants": list(variants),
-        "dtype": str(dtype).replace("torch.", ""),
-        "method": spec.method,
-        "base_model": spec.base_model,
-        "training_steps": spec.training_steps,
-        "metrics": dict(spec.metrics or {}),
-        "checkpoint": spec.meta.get("checkpoint"),
-        "ema": spec.meta.get("ema"),
-        "has_config": spec.config is not None,
-    }
-
-
-def _write_meta(folder: Path, spec: ExportSpec, info: dict) -> None:
-    from .. import __version__
-    from . import card
-
-    meta = {k: v for k, v in spec.meta.items() if k not in ("checkpoint", "ema")}
-    meta.update({"stepdistill_version": __version__, "prediction_type": spec.student.prediction_type})
-    # the sampling defaults at the top level too, where evaluation looks first
-    meta.update({"num_inference_steps": info["num_inference_steps"],
-                 "guidance_scale": info["guidance"]["guidance_scale"]})
-    if info["recipe"].get("eta") is not None:
-        meta["eta"] = info["recipe"]["eta"]
-    if all(float(t).is_integer() for t in info["timesteps"]):
-        meta["timesteps"] = [int(t) for t in info["timesteps"]]
-    if spec.num_classes is not None:
-        meta["num_classes"] = spec.num_classes
-    (folder / META_FILE).write_text(json.dumps({**meta, "export": info}, indent=1, default=str) + "\n")
-    if spec.config is not None:
-        from ..config import RunConfig, save_config
-
-        if isinstance(spec.config, RunConfig):
-            save_config(spec.config, folder / CONFIG_FILE)
-        else:
-            import yaml
-
-            (folder / CONFIG_FILE).write_text(yaml.safe_dump(spec.config, sort_keys=False))
-    (folder / "README.md").write_text(card.render(info, meta))
-
-
 # ---------------------------------------------------------------------------------------------- from a run
-def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lora_format: str | None = None,
-               variants=(), overwrite: bool = False, overrides=(), metrics_file=None) -> Path:
-    """Export a training run's student from one of its checkpoints (the latest unless ``checkpoint``).
-
-    The objective is rebuilt from ``RUN_DIR/config.yaml`` (``overrides``: dotted keys, e.g. to point
-    ``model.source`` at a moved teacher), the checkpoint is loaded, and the EMA weights are used when the run has
-    an EMA (``ema=None``; ``True`` insists, ``False`` uses the raw weights). The model card lists the run's
-    ``eval/*`` metrics logged up to the checkpoint and, from ``metrics_file`` (e.g. ``stepdistill eval``'s
-    results.json), every number in it.
-    """
-    from ..config import ConfigError, load_config
-    from ..trainers import build_trainer
-    from ..trainers.checkpoint import CheckpointError, step_dirs
-
-    run_dir = Path(run_dir).expanduser()
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a training run (no config.yaml); give the output_dir of a "
-                          "`stepdistill train` run")
-    if checkpoint is None and not step_dirs(run_dir / "checkpoints"):
-        raise CheckpointError(f"{run_dir} has no checkpoint (checkpoints/step_*): train it first (`stepdistill "
-                              f"train {config_path}` writes checkpoints every train.checkpoint_every steps and at the "
-                              "end) or pass --checkpoint PATH")
-    run = load_config(config_path, list(overrides))
-    run.output_dir = str(run_dir)
-    run.train.progress = False
-    trainer = build_trainer(run)
-    try:
-        loaded = trainer.load_checkpoint(str(checkpoint) if checkpoint is not None else "latest")
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc} (export rebuilds the model from {config_path}, so the checkpoint must come "
-                              "from this run and its config)") from exc
-    if not loaded:  # pragma: no cover - guarded above
-        raise CheckpointError(f"{run_dir} has no checkpoint to export")
-    ckpt_path = Path(checkpoint) if checkpoint is not None else step_dirs(run_dir / "checkpoints")[-1]
-    if ema and trainer.ema is None:
-        raise CheckpointError(f"the run {run_dir} keeps no EMA (train.ema_decay is 0): export without --ema")
-    use_ema = trainer.ema is not None and ema is not False
-    objective = trainer.objective
-    try:
-        spec = objective.export_spec()
-    except NotImplementedError as exc:
-        raise ExportError(f"method {run.method!r} does not say how to export its student "
-                          f"(Objective.export_spec): {exc}") from exc
-    spec = copy.copy(spec)
-    if hasattr(spec, "base_model") and spec.base_model is None and run.model.source:
-        spec.base_model = str(run.model.source)  # the teacher the student was distilled from
-    spec.training_steps = trainer.step
-    spec.config = run
-    spec.meta = {**spec.meta, "checkpoint": str(ckpt_path), "ema": use_ema}
-    spec.metrics = {**_run_metrics(run_dir, trainer.step), **(spec.metrics or {}), **_file_metrics(metrics_file)}
-    context = trainer.ema_weights() if use_ema else nullcontext()
-    with context, torch.no_grad():
-        spec.student.eval()
-        return export_pipeline(spec, out_dir=out_dir, lora_format=lora_format, variants=variants,
-                               overwrite=overwrite)
-
-
-def _file_metrics(path, limit: int = 40) -> dict:
-    """Numbers (and short strings) of a JSON results file, flattened to dotted keys, for the model card."""
-    if path is None:
-        return {}
-    from ..config import ConfigError
-
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"metrics file {path} is not readable JSON ({exc})") from exc
-    out = {}
-
-    def walk(node, prefix):
-        if len(out) >= limit:
-            return
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(node, list) and len(node) <= 8:
-            for i, v in enumerate(node):
-                walk(v, f"{prefix}[{i}]")
-        elif (isinstance(node, (int, float)) and not isinstance(node, bool)) or \
-                (isinstance(node, str) and len(node) < 60):
-            out[prefix] = node
-
-    walk(data, "")
-    return out
-
-
-def _run_metrics(run_dir: Path, step: int) -> dict:
-    """The latest ``eval/*`` values logged up to ``step`` in the run's metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    out = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("step", 0) > step:
-            continue
-        for key, value in row.items():
-            if key.startswith("eval/"):
-                out[key[len("eval/"):]] = value
-                out["evaluated_at_step"] = row.get("step")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """``stepdistill export RUN_DIR --out DIR [--ema/--no-ema] [--lora-format ...] [--checkpoint PATH]``."""
-    import argparse
-
-    p = subparsers.add_parser("export", help="write a run's student as a Diffusers pipeline folder")
-    p.add_argument("run_dir", help="the output_dir of a training run (holds config.yaml and checkpoints/)")
-    p.add_argument("--out", required=True, help="the folder to write (DiffusionPipeline.from_pretrained loads it)")
-    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: the latest)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="use the EMA weights (default: when the run keeps an EMA)")
-    p.add_argument("--lora-format", choices=LORA_FORMATS, default=None,
-                   help="LoRA students: Diffusers LoRA weights, fused weights, or both (default: diffusers where "
-                        "the pipeline can load LoRA, else fused)")
-    p.add_argument("--variant", action="append", choices=sorted(VARIANT_DTYPES), default=[],
-                   help="also write fp16 / bf16 weight variants (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
-    p.add_argument("--metrics", default=None, help="a JSON results file (e.g. from `stepdistill eval`) whose numbers "
-                                                    "go into the model card")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.source=/new/teacher/path")
 
 
-def run_cli(args) -> int:
-    out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, ema=args.ema, lora_format=args.lora_format,
-                     variants=args.variant, overwrite=args.overwrite, overrides=args.overrides,
-                     metrics_file=args.metrics)
-    info = json.loads((out / META_FILE).read_text())["export"]
-    kw = ", ".join(f"{k}={v!r}" for k, v in info["call"]["kwargs"].items())
-    how = "DiffusionPipeline.from_pretrained(out, trust_remote_code=True)" if info["needs_stepdistill"] else \
-        "DiffusionPipeline.from_pretrained(out)"
-    lora = info.get("lora") or {}
-    if lora.get("format") in ("diffusers", "both"):
-        how += "; then pipe.load_lora_weights(out) (this folder holds the base weights and the LoRA)"
-    at = f" at {info['timesteps']}" if info.get("timesteps") else ""
-    print(f"exported {info['pipeline']} ({info['scheduler']}, {info['num_inference_steps']} step(s){at}) to {out}\n"
-          f"load: {how}; generate: pipe(..., {kw}); see {out / 'README.md'}")
-    return 0

@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .class_conditional import ClassConditionalPipeline
-from .export import ExportSpec
+from .spec import ExportSpec
 from .routing import merge, owners, route, route_call  # noqa: F401  (re-exported)
 
 
@@ -156,7 +156,7 @@ def export_multi_student(spec: MultiStudentSpec, out_dir, *, overwrite: bool = F
     first = spec.students[0]
     recipe = spec.recipe
     scheduler = ex.export_scheduler(first, recipe, spec.base_scheduler, as_pipeline)
-    with ex._quiet():
+    with ex.quiet_diffusers():
         ts = student_timesteps(scheduler, recipe.num_inference_steps, as_pipeline)
     if spec.timesteps is not None and [float(t) for t in spec.timesteps] != ts:
         raise ex.ExportError(f"the students were trained at timesteps {list(spec.timesteps)} but the exported "
@@ -167,18 +167,18 @@ def export_multi_student(spec: MultiStudentSpec, out_dir, *, overwrite: bool = F
         if student.prediction_type != first.prediction_type:
             raise ex.ExportError(f"student {k} predicts {student.prediction_type!r}, student 0 "
                                  f"{first.prediction_type!r}: one scheduler cannot sample both")
-        ex._check_fit(student, recipe, as_pipeline, scheduler, ts)
+        ex.check_fit(student, recipe, as_pipeline, scheduler, ts)
     mode, scale = ex.guidance_plan(first, recipe, as_pipeline)
     if mode != "none":
         raise ex.ExportError("a multi-student pipeline samples without CFG: export with guidance_scale=1")
     unet = MultiStudentUNet.from_students([backbones.unwrap(s.backbone) for s in spec.students], spec.owner)
 
     out_dir = Path(out_dir).expanduser().resolve()
-    tmp = ex._prepare_out(out_dir, overwrite)
+    tmp = ex.prepare_folder(out_dir, overwrite)
     try:
         pipe = MultiStudentPipeline(unet=unet, scheduler=scheduler, num_inference_steps=recipe.num_inference_steps,
                                     guidance_scale=1.0, null_class=None)
-        with ex._quiet():
+        with ex.quiet_diffusers():
             pipe.save_pretrained(tmp, safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
         index["_class_name"] = ["pipeline", pipe_name]
@@ -186,13 +186,13 @@ def export_multi_student(spec: MultiStudentSpec, out_dir, *, overwrite: bool = F
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         write_shim(tmp / "pipeline.py", pipe_name)
         write_shim(tmp / "unet" / "unet.py", "MultiStudentUNet")
-        info = ex._export_info(spec, pipe_name, scheduler, ts, mode, scale, None, (), unet, name, None)
+        info = ex.export_info(spec, pipe_name, scheduler, ts, mode, scale, None, (), unet, name, None)
         partition = [[c for c, o in enumerate(spec.owner) if o == k] for k in range(len(spec.students))]
         info.update(needs_stepdistill=True, trust_remote_code=True, pipeline_tag="unconditional-image-generation",
                     call={"input": "class_labels", "kwargs": {"num_inference_steps": recipe.num_inference_steps}},
                     students=[{"classes": cls, "parameters": sum(p.numel() for p in s.parameters())}
                               for cls, s in zip(partition, unet.students)])
-        ex._write_meta(tmp, spec, info)
+        ex.write_meta(tmp, spec, info)
         readme = tmp / "README.md"
         readme.write_text(readme.read_text().replace(
             f"(the scheduler is stepdistill.pipelines.{info['scheduler']})",
@@ -204,7 +204,7 @@ def export_multi_student(spec: MultiStudentSpec, out_dir, *, overwrite: bool = F
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ex._publish(tmp, out_dir)
+    ex.publish_folder(tmp, out_dir)
     return out_dir
 
 

@@ -112,7 +112,7 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
     from . import export as ex
     from ._shim import write_shim
 
-    base_index = ex._read_index(Path(spec.base_folder)) if spec.base_folder else {}
+    base_index = ex.read_index(Path(spec.base_folder)) if spec.base_folder else {}
     if base_index.get("_class_name") != "StableDiffusionPipeline":
         raise ex.ExportError("text multi-student exports are written for Stable Diffusion (1.x/2.x) teachers; this "
                              f"teacher's pipeline is {base_index.get('_class_name') or 'unknown'}")
@@ -120,7 +120,7 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
         if student.lora_layers():
             raise ex.ExportError(f"student {k} has LoRA adapters; multi-student exports take full students")
     out_dir = Path(out_dir).expanduser().resolve()
-    staging = ex._prepare_out(out_dir, overwrite)
+    staging = ex.prepare_folder(out_dir, overwrite)
     try:
         first = ex.ExportSpec(student=spec.students[0], recipe=spec.recipe, base_scheduler=spec.base_scheduler,
                               base_folder=spec.base_folder, method=spec.method, timesteps=spec.timesteps,
@@ -133,7 +133,7 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
         unet = MultiStudentUNet2DConditionModel.from_students(
             [backbones.unwrap(s.backbone) for s in spec.students], spec.keywords, spec.default_student)
         shutil.rmtree(folder / "unet")
-        with ex._quiet():
+        with ex.quiet_diffusers():
             unet.save_pretrained(folder / "unet", safe_serialization=True)
         write_shim(folder / "unet" / "unet.py", "MultiStudentUNet2DConditionModel")
         write_shim(folder / "pipeline.py", "MultiStudentTextPipeline")
@@ -160,5 +160,5 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    ex._publish(staging, out_dir)
+    ex.publish_folder(staging, out_dir)
     return out_dir

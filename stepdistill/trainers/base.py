@@ -38,7 +38,8 @@ class Objective(torch.nn.Module):
 
     # --- declared by subclasses -----------------------------------------------------------------
     @classmethod
-    def phase_names(cls, config) -> list[str]:
+    def phases(cls, config) -> list[Phase]:
+        """The phases of the method under ``config``: each a name and the attributes of the objective it trains."""
         raise NotImplementedError
 
     @classmethod
@@ -49,9 +50,6 @@ class Objective(torch.nn.Module):
     @classmethod
     def from_config(cls, run) -> "Objective":
         """Build the objective (load the teacher, make the student, ...) from a RunConfig."""
-        raise NotImplementedError
-
-    def phases(self) -> list[Phase]:
         raise NotImplementedError
 
     def loss(self, phase: str, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,16 +1,13 @@
 """Callbacks of the training loop: sample grids and periodic evaluation."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .engine import DistillTrainer
-
 
 class Callback:
-    def on_step_end(self, trainer: DistillTrainer, step: int) -> None: ...
+    """Hooks the loop calls with itself (the :class:`~stepdistill.trainers.engine.DistillTrainer`)."""
 
-    def on_train_end(self, trainer: DistillTrainer) -> None: ...
+    def on_step_end(self, trainer, step: int) -> None: ...
+
+    def on_train_end(self, trainer) -> None: ...
 
 
 class SampleGrid(Callback):

@@ -30,7 +30,7 @@ from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..models import load_model
 from ..solvers import ddim_from_x0, solver_step
-from . import register
+from .registry import register
 from .base import Objective, Phase, source_channels
 from .dmd import gan_discriminator_loss, gan_generator_loss
 
@@ -297,8 +297,9 @@ class ConsistencyObjective(Objective):
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod
-    def phase_names(cls, config):
-        return ["student"] + (["discriminator"] if config.adv_weight > 0 else [])
+    def phases(cls, config):
+        return [Phase("student", ("student",))] + (
+            [Phase("discriminator", ("discriminator",))] if config.adv_weight > 0 else [])
 
     @classmethod
     def optim_defaults(cls, config):
@@ -311,10 +312,9 @@ class ConsistencyObjective(Objective):
         from ..backbones import in_channels, unwrap
         from ..config import ConfigError
         from ..models import text_null_cond
-        from . import run_cache_dir
 
         loaded = load_model(run.model)
-        null = text_null_cond(run.model, run_cache_dir(run), run.data.resolution)
+        null = text_null_cond(run.model, run.cache_dir, run.data.resolution)
         if null is not None:
             loaded.denoiser.null_cond = null
         if data is None or len(data) == 0 or "image" not in data[0]:
@@ -342,10 +342,6 @@ class ConsistencyObjective(Objective):
         init_generator(self.student, source, "objective.student_init")
         if self.target is not None:
             self.target.load_state_dict(self.student.state_dict())
-
-    def phases(self):
-        return [Phase("student", ("student",))] + (
-            [Phase("discriminator", ("discriminator",))] if self.discriminator is not None else [])
 
     # --- the loss ------------------------------------------------------------------------------------
     def _guidance(self, n: int, device) -> torch.Tensor | None:
@@ -477,7 +473,7 @@ class ConsistencyObjective(Objective):
         return meta | ({"source_resolution": self.source_resolution} if self.source_channels else {})
 
     def export_spec(self):
-        from ..pipelines.export import ExportSpec
+        from ..pipelines.spec import ExportSpec
 
         return ExportSpec(student=self.student, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
                           method=self.name, num_classes=self.num_classes, timesteps=self.sample_timesteps(),

@@ -20,7 +20,7 @@ import torch
 
 from ..conditioning import Cond
 from ..denoiser import cfg as classifier_free_guidance
-from . import register
+from .registry import register
 from .dmd import DMDConfig, DMDObjective, dmd_loss
 
 

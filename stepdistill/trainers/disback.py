@@ -31,7 +31,7 @@ import torch
 
 from ..conditioning import Cond
 from ..denoiser import Denoiser
-from . import register
+from .registry import register
 from .base import Phase
 from .dmd import DMDConfig, DMDObjective, dmd_gradient, dmd_loss
 
@@ -112,8 +112,8 @@ class DisBackRecordObjective(DMDObjective):
     source: str | None = None  # the teacher's model.source, written to record.json
 
     @classmethod
-    def phase_names(cls, config):
-        return ["critic"]
+    def phases(cls, config):
+        return [Phase("critic", ("fake_score",))]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -125,9 +125,6 @@ class DisBackRecordObjective(DMDObjective):
         objective.path_dir = Path(run.output_dir) / PATH_DIR
         objective.source = run.model.source
         return objective
-
-    def phases(self):
-        return [Phase("critic", ("fake_score",))]
 
     def loss(self, phase, batch, step):
         if phase != "critic":  # pragma: no cover - the loop only runs declared phases

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..models import load_model
-from . import register
+from .registry import register
 from .base import Objective, Phase
 from .teacher import denoising_loss
 
@@ -198,7 +198,7 @@ class DMDObjective(Objective):
                  resolution: int, channels: int):
         super().__init__(config)
         from ..pipelines import ExportError, get_recipe
-        from ..pipelines.export import export_scheduler, pipeline_for
+        from ..pipelines.spec import export_scheduler, pipeline_for
         from ..pipelines.sampling import sampler_of, student_timesteps
 
         self.teacher = teacher.freeze()
@@ -228,8 +228,9 @@ class DMDObjective(Objective):
 
     # --- construction -----------------------------------------------------------------------------
     @classmethod
-    def phase_names(cls, config):
-        return ["generator", "critic"]
+    def phases(cls, config):
+        critic = ("fake_score",) + (("disc_head",) if config.gan_weight_disc > 0 else ())
+        return [Phase("generator", ("generator",)), Phase("critic", critic)]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -242,12 +243,11 @@ class DMDObjective(Objective):
         from ..backbones import in_channels
         from ..config import ConfigError
         from ..models import text_null_cond
-        from . import run_cache_dir
 
         loaded = load_model(run.model)
         cfg = run.objective
         # a text teacher's CFG needs its null condition: the empty prompt through its own text encoders (cached)
-        null = text_null_cond(run.model, run_cache_dir(run), run.data.resolution)
+        null = text_null_cond(run.model, run.cache_dir, run.data.resolution)
         if null is not None:
             loaded.denoiser.null_cond = null
             if data is None or len(data) == 0 or "encoder_hidden_states" not in data[0]:
@@ -281,10 +281,6 @@ class DMDObjective(Objective):
     @classmethod
     def needs_pairs(cls, config) -> bool:
         return config.regression_weight > 0
-
-    def phases(self):
-        critic = ("fake_score",) + (("disc_head",) if self.disc_head is not None else ())
-        return [Phase("generator", ("generator",)), Phase("critic", critic)]
 
     # --- helpers -----------------------------------------------------------------------------------
     def _random_cond(self, n: int, device) -> Cond:
@@ -446,7 +442,7 @@ class DMDObjective(Objective):
                     "student_steps": self.config.student_steps, "timesteps": self.timesteps})
 
     def export_spec(self):
-        from ..pipelines.export import ExportSpec
+        from ..pipelines.spec import ExportSpec
 
         return ExportSpec(student=self.generator, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
                           method=self.name, num_classes=self.num_classes, timesteps=self.timesteps,
@@ -494,8 +490,8 @@ class RegressionObjective(DMDObjective):
     has_critic = False
 
     @classmethod
-    def phase_names(cls, config):
-        return ["generator"]
+    def phases(cls, config):
+        return [Phase("generator", ("generator",))]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -504,9 +500,6 @@ class RegressionObjective(DMDObjective):
     @classmethod
     def needs_pairs(cls, config) -> bool:
         return True
-
-    def phases(self):
-        return [Phase("generator", ("generator",))]
 
     def loss(self, phase, batch, step):
         cond = self._cond(batch, batch["batch_size"], self.device)

@@ -42,7 +42,7 @@ class DistillTrainer:
         self.callbacks = list(callbacks)
         if self.train_cfg.sample_every:
             self.callbacks.append(SampleGrid(self.train_cfg.sample_every, self.train_cfg.num_samples))
-        self.phases = objective.phases()
+        self.phases = objective.phases(objective.config)
         self._setup_modules()
         self.batches = None
         if data is not None:

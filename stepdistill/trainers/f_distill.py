@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from ..conditioning import Cond
-from . import register
+from .registry import register
 from .dmd import DMDConfig, DMDObjective, dmd_gradient, dmd_loss
 
 Divergence = Literal["rkl", "kl", "js", "sh", "jf", "sf", "neyman"]

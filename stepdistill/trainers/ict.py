@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..conditioning import Cond
-from . import register
+from .registry import register
 from .base import Objective, Phase
 from .checkpoint import rng_state, set_rng_state
 
@@ -143,8 +143,8 @@ class ICTObjective(Objective):
         self.huber_c = config.huber_c if config.huber_c is not None else 0.00054 * math.sqrt(d)
 
     @classmethod
-    def phase_names(cls, config):
-        return ["model"]
+    def phases(cls, config):
+        return [Phase("model", ("model",))]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -166,9 +166,6 @@ class ICTObjective(Objective):
         num_classes = getattr(data, "num_classes", None) if base.config.get("num_class_embeds") else None
         return cls(run.objective, backbone, num_classes, run.data.resolution, data[0]["image"].shape[0],
                    run.train.max_steps)
-
-    def phases(self):
-        return [Phase("model", ("model",))]
 
     def loss(self, phase, batch, step):
         cfg = self.config
@@ -258,10 +255,10 @@ class ICTExport:
             raise ex.ExportError("iCT exports write full float32 weights (no variants, no LoRA)")
         o = self.objective
         out_dir = Path(out_dir).expanduser().resolve()
-        tmp = ex._prepare_out(out_dir, overwrite)
+        tmp = ex.prepare_folder(out_dir, overwrite)
         try:
             pipe = ConsistencyModelPipeline(unet=unwrap(o.model).backbone, scheduler=o.scheduler())
-            with ex._quiet():
+            with ex.quiet_diffusers():
                 pipe.save_pretrained(tmp, safe_serialization=True)
             steps, timesteps = o.config.student_steps, o.config.sample_timesteps
             kwargs = {"num_inference_steps": steps} if timesteps is None else {"num_inference_steps": None,
@@ -292,5 +289,5 @@ class ICTExport:
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        ex._publish(tmp, out_dir)
+        ex.publish_folder(tmp, out_dir)
         return out_dir

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..conditioning import Cond
 from ..denoiser import Denoiser
 from ..pipelines.routing import owners, prompt_owners, route_call
-from . import register
+from .registry import register
 from .base import Objective, Phase
 from .dmd import DMDConfig, DMDObjective
 
@@ -487,8 +487,8 @@ class MSDTSMObjective(Objective):
         self.generator = RoutedDenoiser(students, self.owner)
 
     @classmethod
-    def phase_names(cls, config):
-        return ["generator"]
+    def phases(cls, config):
+        return [Phase("generator", ("generator",))]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -505,9 +505,6 @@ class MSDTSMObjective(Objective):
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
         return cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution,
                    run.data.channels)
-
-    def phases(self):
-        return [Phase("generator", ("generator",))]
 
     def loss(self, phase, batch, step):
         x0 = batch["image"]

@@ -11,7 +11,7 @@ from ..denoiser import Denoiser
 from ..models import LoadedModel, check_resolution, load_model, save_model
 from ..schedule import NoiseSchedule
 from ..solvers import sample as solve, scheduler_timesteps
-from . import register
+from .registry import register
 from .base import Objective, Phase, source_channels
 
 
@@ -68,8 +68,8 @@ class DenoisingObjective(Objective):
             self.model.null_class = num_classes
 
     @classmethod
-    def phase_names(cls, config):
-        return ["model"]
+    def phases(cls, config):
+        return [Phase("model", ("model",))]
 
     @classmethod
     def optim_defaults(cls, config):
@@ -89,9 +89,6 @@ class DenoisingObjective(Objective):
         if has_source:  # its pipeline upsamples sources of this size (ImageConditionedPipeline)
             objective.meta["source_resolution"] = run.data.source_resolution
         return objective
-
-    def phases(self):
-        return [Phase("model", ("model",))]
 
     def loss(self, phase, batch, step):
         x0 = batch["image"]
@@ -136,7 +133,7 @@ class DenoisingObjective(Objective):
         """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
         from diffusers import DDIMScheduler
 
-        from ..pipelines.export import ExportSpec
+        from ..pipelines.spec import ExportSpec
         from ..pipelines.recipes import get_recipe
 
         guidance = self.config.sample_guidance if self.num_classes else 1.0

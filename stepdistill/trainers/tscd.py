@@ -12,7 +12,7 @@ import torch
 
 from ..conditioning import Cond
 from ..solvers import ddim_from_x0
-from . import register
+from .registry import register
 from .consistency import ConsistencyConfig, ConsistencyObjective, consistency_loss
 
 

@@ -1,0 +1,59 @@
+"""Data: the embedded digits, a user's image folders, prompt data, teacher pairs and a resumable batch order.
+
+Every data set yields dicts: ``image`` (float CxHxW in [-1, 1], or latents for a latent denoiser) and, where
+known, ``class_label`` (int64); prompt data sets add ``prompt`` and the text conditioning (``Cond`` field names).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .batches import ResumableBatches, collate, sample_seed
+from .images import (DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, IMAGE_SUFFIXES, DataError, ImageFolder, TensorImages,
+                     WithSource, digits_dataset, digits_tensors, image_grid, load_image, low_resolution, save_grid,
+                     to_uint8)
+from .pairs import PairDataset
+from .prompts import PromptDataset, PromptRecord, cache_latents, latent_dataset, prompt_dataset, read_prompts
+
+__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "IMAGE_SUFFIXES", "DataError", "ImageFolder", "PairDataset",
+           "PromptDataset", "PromptRecord", "ResumableBatches", "TensorImages", "WithSource", "build_dataset",
+           "cache_latents", "collate", "digits_dataset", "digits_tensors", "image_grid", "latent_dataset",
+           "load_image", "low_resolution", "prompt_dataset", "read_prompts", "sample_seed", "save_grid", "to_uint8"]
+
+
+def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
+    """The data set a :class:`~stepdistill.config.DataConfig` names (None for ``dataset: none``), with source
+    images when ``source_resolution`` is set.
+
+    ``prompts`` needs the teacher (``model_cfg``): its own text encoders encode the prompts (cached in
+    ``cache_dir``), see :func:`prompt_dataset`.
+    """
+    dataset = _build_dataset(cfg, model_cfg, cache_dir)
+    if cfg.source_resolution is None:
+        return dataset
+    if cfg.dataset not in ("digits", "folder"):
+        raise DataError("data.source_resolution (super-resolution sources) is for digits or folder images")
+    if not 1 <= cfg.source_resolution < cfg.resolution:
+        raise DataError(f"data.source_resolution must be below data.resolution ({cfg.resolution}), not "
+                        f"{cfg.source_resolution}")
+    return WithSource(dataset, cfg.source_resolution)
+
+
+def _build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
+    if cfg.dataset == "prompts":
+        return prompt_dataset(cfg, model_cfg, cache_dir)
+    if cfg.dataset == "digits":
+        if cfg.channels != 1:
+            raise DataError("the digits are grayscale: set data.channels=1")
+        return digits_dataset(cfg.resolution, cfg.split)
+    if cfg.dataset == "folder":
+        if not cfg.path:
+            raise DataError("data.dataset=folder needs data.path, a folder of PNG/JPEG images")
+        return ImageFolder(cfg.path, cfg.resolution, cfg.channels)
+    if cfg.dataset == "pairs":
+        if not cfg.path:
+            raise DataError("data.dataset=pairs needs data.path, a folder written by `stepdistill make-pairs`")
+        return PairDataset(cfg.path)
+    if cfg.dataset == "none":
+        return None
+    raise DataError(f"data.dataset={cfg.dataset!r} is not a training data set here; use digits, folder, prompts, "
+                    "pairs or none")
