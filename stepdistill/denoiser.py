@@ -67,16 +67,33 @@ class Denoiser(torch.nn.Module):
     def _guided_raw(self, x_t, t, cond: Cond, guidance_scale) -> torch.Tensor:
         if guidance_scale is None or (not torch.is_tensor(guidance_scale) and guidance_scale == 1):
             return backbones.call_backbone(self.backbone, x_t, t, cond).float()
-        if self.null_cond is None and cond.encoder_hidden_states is not None:
-            raise ValueError("CFG on a text-conditioned backbone needs the encoded empty prompt: build the "
-                             "Denoiser with null_cond=PromptEncoder.null()")
-        uncond = cond.null_like(self.null_cond, null_class=self.null_class)
-        both = backbones.call_backbone(self.backbone, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                       Cond.cat([cond, uncond])).float()
-        c, u = both.chunk(2)
+        c, u = self.cond_uncond(x_t, t, cond, output=self.prediction_type)
         s = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x_t.device)
         s = s.reshape(-1, *([1] * (x_t.ndim - 1))) if s.ndim > 0 else s
         return cfg(c, u, s)
+
+    def cond_uncond(self, x_t: torch.Tensor, t, cond: Cond | None, null: Cond | None = None, *,
+                    output: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and the unconditional prediction, ``(cond_pred, uncond_pred)``, from one network call on
+        the concatenated batch ``[x_t; x_t]`` with ``[cond; null]`` — CFG's two passes in one (float32).
+
+        ``null``: the unconditional condition, by default ``cond.null_like`` of this denoiser's null condition (the
+        null class, or the encoded empty prompt of a text backbone). ``output``: the parameterization returned
+        (``sample``: x0; the prediction type: the backbone's own). CFG (:meth:`forward` with ``guidance_scale``)
+        combines the two as ``uncond + s (cond - uncond)``; call it directly only on an unwrapped denoiser (a
+        frozen teacher): DDP and FSDP see ``forward`` alone."""
+        cond = cond if cond is not None else Cond()
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        if null is None:
+            if self.null_cond is None and cond.encoder_hidden_states is not None:
+                raise ValueError("CFG on a text-conditioned backbone needs the encoded empty prompt: build the "
+                                 "Denoiser with null_cond=PromptEncoder.null()")
+            null = cond.null_like(self.null_cond, null_class=self.null_class)
+        x_both, t_both = torch.cat([x_t, x_t]), torch.cat([t, t])
+        both = backbones.call_backbone(self.backbone, x_both, t_both, Cond.cat([cond, null])).float()
+        both = self.schedule.convert(both, x_both.float(), t_both, self.prediction_type, output)
+        return both.chunk(2)
 
     def x0(self, x_t, t, cond=None, **kw):
         return self(x_t, t, cond, output="sample", **kw)

@@ -133,10 +133,16 @@ class NoiseSchedule:
         a, s = self.alpha_sigma(t, dtype)
         return a.to(x.device), s.to(x.device)
 
+    def coefficients(self, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha_t, sigma_t)`` shaped ``(B, 1, ..., 1)`` to broadcast over ``like`` (a scalar ``t`` holds for every
+        sample), on its device, in float32 (float64 for a float64 ``like``): the numbers :meth:`add_noise` uses."""
+        a, s = self._coeffs(t, like)
+        return _expand(a, like), _expand(s, like)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """``x_t = alpha_t x0 + sigma_t eps``, computed in float32 and returned in x0's dtype."""
-        a, s = self._coeffs(t, x0)
-        out = _expand(a, x0) * x0.to(a.dtype) + _expand(s, x0) * noise.to(a.dtype)
+        a, s = self.coefficients(t, x0)
+        out = a * x0.to(a.dtype) + s * noise.to(a.dtype)
         return out.to(x0.dtype)
 
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, t, src: str, dst: str) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Teacher ODE/SDE steps as pure functions, between any two timesteps, for VP and flow schedules.
+"""Teacher ODE/SDE steps as pure functions, between any two timesteps, for VP and flow schedules; and the registry
+of student step rules (:data:`STEP_RULES`), the one definition of how a few-step student moves from its prediction
+at one timestep to its sample at the next.
 
 ``model(x_t, t) -> x0`` is any x0 predictor (e.g. ``lambda x, t: teacher(x, t, cond, guidance_scale=s)``).
 Steps are written in the variables where the probability-flow ODE is simplest:
@@ -10,7 +12,9 @@ Steps are written in the variables where the probability-flow ODE is simplest:
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -161,3 +165,169 @@ def scheduler_timesteps(scheduler, num_steps: int) -> list[float]:
     """The timesteps a Diffusers scheduler (with its saved config) runs for ``num_steps`` steps."""
     scheduler.set_timesteps(num_steps)
     return [float(t) for t in scheduler.timesteps]
+
+
+# ------------------------------------------------------------------------------------------------ LCM's grid, scalings
+def lcm_grid(num_train_timesteps: int, n: int) -> list[int]:
+    """LCM's solver grid ``t_i = i * (T // N) - 1``, i = 1..N, ascending (50 steps of 1000: 19, 39, ..., 999): the
+    ``original_inference_steps`` grid ``LCMScheduler`` and ``TCDScheduler`` pick their timesteps from, and the one
+    consistency distillation trains on."""
+    step = num_train_timesteps // n
+    return [i * step - 1 for i in range(1, n + 1)]
+
+
+def _sqrt(v):
+    return v.sqrt() if torch.is_tensor(v) else math.sqrt(v)
+
+
+def lcm_boundary_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCM's boundary-condition scalings ``c_skip(t) = sd^2 / ((s t)^2 + sd^2)``, ``c_out(t) = s t / sqrt((s t)^2 +
+    sd^2)`` with ``s = timestep_scaling`` (10) and ``sd = sigma_data`` (0.5), as
+    ``LCMScheduler.get_scalings_for_boundary_condition_discrete``: ``c_skip(0) = 1``, ``c_out(0) = 0``, so the
+    consistency function ``f(x, t) = c_skip x + c_out x0`` (Song et al. 2023, Eq. 3) has ``f(x, 0) = x``.
+
+    A number ``t`` gives Python floats; a tensor gives float32 tensors, computed in float64."""
+    scaled = (t.double() if torch.is_tensor(t) else float(t)) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / _sqrt(scaled**2 + sigma_data**2)
+    return (c_skip.float(), c_out.float()) if torch.is_tensor(t) else (c_skip, c_out)
+
+
+# ------------------------------------------------------------------------------------------------ student step rules
+class NoiseLevels(Protocol):
+    """The noise levels a step rule reads, as the sampler it reproduces computes them: ``alpha_sigma(t)`` gives
+    ``(alpha_t, sigma_t)`` of ``x_t = alpha_t x0 + sigma_t eps`` at a timestep (Python floats, or tensors that
+    broadcast over the sample), ``abar(t)`` gives ``alpha_t^2`` (VP; TCD's re-noising reads it). Implementations:
+    :class:`ScheduleLevels` (a NoiseSchedule: the trainers' rollouts) and
+    :class:`stepdistill.pipelines.sampling.SchedulerLevels` (a Diffusers scheduler's own table: exported students)."""
+
+    def alpha_sigma(self, t) -> tuple[Any, Any]: ...
+
+    def abar(self, t) -> Any: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduleLevels:
+    """The levels of a :class:`~stepdistill.schedule.NoiseSchedule` as its ``add_noise`` computes them: float32
+    (float64 for a float64 ``like``) tensors shaped to broadcast over ``like``, on its device."""
+
+    schedule: NoiseSchedule
+    like: torch.Tensor
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.schedule.coefficients(t, self.like)
+
+    def abar(self, t) -> torch.Tensor:
+        alpha, _ = self.alpha_sigma(t)
+        return alpha * alpha
+
+
+def renoise(x0: torch.Tensor, t_next, levels: NoiseLevels, noise: torch.Tensor) -> torch.Tensor:
+    """``x0`` with fresh noise ``z`` at ``t_next``: ``alpha' x0 + sigma' z``."""
+    alpha, sigma = levels.alpha_sigma(t_next)
+    return alpha * x0 + sigma * noise
+
+
+def ddim_rule(x, x0, t, t_next, levels: NoiseLevels, noise=None):
+    """Deterministic DDIM (Song et al. 2021, Eq. 12 at eta = 0): the noise implied by the x0 prediction,
+    ``eps = (x - alpha_t x0) / sigma_t``, carried to the next timestep, ``x' = alpha' x0 + sigma' eps``. On a flow
+    schedule (``alpha = 1 - sigma``) this is the Euler step of the probability-flow ODE in its x0 form
+    (:func:`euler_step`). The last step (``t_next`` None) returns x0."""
+    if t_next is None:
+        return x0
+    alpha, sigma = levels.alpha_sigma(t)
+    alpha_next, sigma_next = levels.alpha_sigma(t_next)
+    return alpha_next * x0 + sigma_next * ((x - alpha * x0) / sigma)
+
+
+def lcm_rule(x, x0, t, t_next, levels: NoiseLevels, noise=None, *, timestep_scaling: float = 10.0):
+    """``LCMScheduler.step`` (multistep latent consistency sampling, Luo et al. 2023): the boundary-condition output
+    ``out = c_skip(t) x + c_out(t) x0`` (:func:`lcm_boundary_scalings`), then fresh noise to the next timestep,
+    ``alpha' out + sigma' z``; the last step (``t_next`` None) returns ``out``."""
+    c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling)
+    out = c_out * x0 + c_skip * x
+    return out if t_next is None else renoise(out, t_next, levels, noise)
+
+
+def flow_lcm_rule(x, x0, t, t_next, levels: NoiseLevels, noise=None):
+    """``FlowMatchLCMScheduler.step`` and DMD2's backward simulation (Yin et al. 2024b, Sec. 4.5): the x0 prediction
+    as is, then fresh noise to the next timestep, ``alpha' x0 + sigma' z`` (flow: ``(1 - s') x0 + s' z``); the last
+    step (``t_next`` None) returns x0."""
+    return x0 if t_next is None else renoise(x0, t_next, levels, noise)
+
+
+def tcd_rule(x, x0, t, t_next, levels: NoiseLevels, noise=None, *, gamma: float = 0.3):
+    """``TCDScheduler.step`` (Zheng et al. 2024, strategic stochastic sampling) with ``gamma`` (the pipeline call's
+    ``eta``): a DDIM jump with the x0 prediction and its noise ``eps = (x - alpha_t x0) / sigma_t`` to
+    ``s = floor((1 - gamma) t')``, ``x_s = alpha_s x0 + sigma_s eps``, then, given ``noise``, fresh noise from ``s``
+    up to ``t'``: ``sqrt(abar_t' / abar_s) x_s + sqrt(1 - abar_t' / abar_s) z``. The last step has ``t' = 0``
+    (``t_next`` 0 or None) and no noise; gamma = 0 is DDIM, gamma = 1 re-noises x0 as LCM does (no boundary
+    scalings)."""
+    t_next = 0 if t_next is None else t_next
+    alpha, sigma = levels.alpha_sigma(t)
+    eps = (x - alpha * x0) / sigma
+    s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # as TCDScheduler rounds it (float32)
+    alpha_s, sigma_s = levels.alpha_sigma(s)
+    x_s = alpha_s * x0 + sigma_s * eps
+    if noise is None:
+        return x_s
+    ratio = levels.abar(t_next) / levels.abar(s)
+    return _sqrt(ratio) * x_s + _sqrt(1 - ratio) * noise
+
+
+def flow_euler_rule(x, velocity, t, t_next, levels: NoiseLevels, noise=None):
+    """``FlowMatchEulerDiscreteScheduler.step``: Euler in sigma on the velocity ``u = eps - x0``,
+    ``x' = x + (sigma' - sigma) u``; the last step (``t_next`` 0 or None) ends at sigma = 0, i.e. x0."""
+    _, sigma = levels.alpha_sigma(t)
+    _, sigma_next = levels.alpha_sigma(0 if t_next is None else t_next)
+    return x + (sigma_next - sigma) * velocity
+
+
+def cm_rule(x, x0, t, t_next, levels: NoiseLevels, noise=None, *, sigma_min: float = 0.002,
+            sigma_max: float = 80.0, clip: bool = True):
+    """``CMStochasticIterativeScheduler.step`` (Song et al. 2023, Alg. 1, multistep consistency sampling) on EDM
+    levels (``alpha = 1``): the consistency model's output ``x0`` (clamped to [-1, 1] when ``clip``), then, given
+    ``noise``, ``x' = x0 + sqrt(sigma_hat^2 - sigma_min^2) z`` at ``sigma_hat = clamp(sigma_{t'}, sigma_min,
+    sigma_max)``; the last step (``t_next`` None) returns x0."""
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    if t_next is None or noise is None:
+        return x0
+    _, sigma_next = levels.alpha_sigma(t_next)
+    sigma_hat = (sigma_next.clamp(min=sigma_min, max=sigma_max) if torch.is_tensor(sigma_next)
+                 else min(max(sigma_next, sigma_min), sigma_max))
+    return x0 + noise * (sigma_hat**2 - sigma_min**2) ** 0.5
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """A student's update ``rule(x, pred, t, t_next, levels, noise=None, **params) -> x'`` from its prediction at
+    timestep ``t`` (a number) to its sample at ``t_next`` (None: the last step, whose output is the sample).
+    ``prediction``: the parameterization ``pred`` is in (x0, or the flow velocity); ``fresh_noise``: whether the
+    rule takes fresh noise between steps (the caller draws it, in its own generator's order)."""
+
+    name: str
+    step: Callable[..., torch.Tensor]
+    prediction: str = "sample"
+    fresh_noise: bool = False
+
+    def __call__(self, x, pred, t, t_next, levels: NoiseLevels, noise=None, **params) -> torch.Tensor:
+        return self.step(x, pred, t, t_next, levels, noise, **params)
+
+
+#: the student step rules by name (the names ``pipelines.sampling.sampler_of`` gives a Diffusers scheduler)
+STEP_RULES: dict[str, StepRule] = {rule.name: rule for rule in (
+    StepRule("ddim", ddim_rule),
+    StepRule("lcm", lcm_rule, fresh_noise=True),
+    StepRule("tcd", tcd_rule, fresh_noise=True),
+    StepRule("flow_euler", flow_euler_rule, prediction="flow"),
+    StepRule("flow_lcm", flow_lcm_rule, fresh_noise=True),
+    StepRule("cm", cm_rule, fresh_noise=True),
+)}
+
+
+def step_rule(name: str) -> StepRule:
+    """The step rule ``name`` of :data:`STEP_RULES`; an error naming the rules otherwise."""
+    if name not in STEP_RULES:
+        raise ValueError(f"unknown step rule {name!r}; expected one of {sorted(STEP_RULES)}")
+    return STEP_RULES[name]

@@ -228,6 +228,32 @@ def test_cfg_standard_form(name):
         torch.testing.assert_close(guided, ux + s.view(-1, 1, 1, 1) * (cx - ux), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["unet2d_class", "unet_sd15", "sd3"])
+def test_cond_uncond_is_one_batched_call_and_what_cfg_combines(name):
+    """``Denoiser.cond_uncond``: the conditional and unconditional predictions of one call on the concatenated batch
+    (the two separate calls, up to batched arithmetic), in any parameterization; CFG is exactly their combination."""
+    c = build(name)
+    c.model.eval()
+    d = c.denoiser()
+    uncond = c.cond.null_like(c.null_cond, null_class=c.null_class)
+    calls = []
+    hook = d.backbone.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        x0_c, x0_u = d.cond_uncond(c.x, c.t, c.cond)
+        assert len(calls) == 1  # one network call
+        torch.testing.assert_close(x0_c, d(c.x, c.t, c.cond), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(x0_u, d(c.x, c.t, uncond), rtol=1e-4, atol=1e-5)
+        raw_c, raw_u = d.cond_uncond(c.x, c.t, c.cond, uncond, output=c.prediction_type)  # an explicit null
+        ref = backbones.call_backbone(d.backbone, torch.cat([c.x, c.x]), torch.cat([c.t, c.t]),
+                                      Cond.cat([c.cond, uncond])).float()
+        assert torch.equal(torch.cat([raw_c, raw_u]), ref)
+        assert torch.equal(d(c.x, c.t, c.cond, guidance_scale=3.0, output=c.prediction_type), cfg(raw_c, raw_u, 3.0))
+        t0 = c.t[0]  # a scalar t holds for every sample
+        for a, b in zip(d.cond_uncond(c.x, t0, c.cond), d.cond_uncond(c.x, t0.expand(B), c.cond)):
+            assert torch.equal(a, b)
+    hook.remove()
+
+
 def test_null_like_uses_the_null_prompt_and_keeps_sample_fields():
     c = build("unet_sd15")
     u = c.cond.null_like(c.null_cond)

@@ -10,6 +10,8 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ._shim import only_stepdistill_shims
+
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # as Diffusers' save_lora_weights
@@ -64,8 +66,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """As ``DiffusionPipeline.from_pretrained``; an export folder whose only code is stepdistill's one-line
         shims (``pipeline.py`` importing this installed class) loads without ``trust_remote_code``."""
-        from ._shim import only_stepdistill_shims
-
         folder = Path(pretrained_model_name_or_path)
         if "trust_remote_code" not in kwargs and folder.is_dir() and only_stepdistill_shims(folder):
             kwargs["trust_remote_code"] = True

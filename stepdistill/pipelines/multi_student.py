@@ -28,9 +28,14 @@ from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .. import backbones
+from . import export as ex
+from ._shim import write_shim
 from .class_conditional import ClassConditionalPipeline
-from .spec import ExportSpec
+from .multi_student_text import export_multi_student_text
 from .routing import merge, owners, route, route_call  # noqa: F401  (re-exported)
+from .sampling import student_timesteps
+from .spec import ExportSpec
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -127,8 +132,6 @@ class MultiStudentSpec(ExportSpec):
 
     def export_to(self, out_dir, *, overwrite: bool = False, variants=(), lora_format=None, **_ignored) -> Path:
         if self.keywords is not None:
-            from .multi_student_text import export_multi_student_text
-
             if variants or lora_format not in (None, "fused"):
                 raise ValueError("multi-student exports write full float weights (no variants, no LoRA files)")
             return export_multi_student_text(self, out_dir, overwrite=overwrite)
@@ -141,11 +144,6 @@ def export_multi_student(spec: MultiStudentSpec, out_dir, *, overwrite: bool = F
 
     The scheduler comes from ``spec.recipe`` on the teacher's schedule, exactly as a single student's export, and
     the pipeline must run ``spec.timesteps`` (the ones the students were trained at)."""
-    from .. import backbones
-    from . import export as ex
-    from ._shim import write_shim
-    from .sampling import student_timesteps
-
     pipe_name, as_pipeline = "MultiStudentPipeline", "ClassConditionalPipeline"
     if variants:
         raise ex.ExportError("weight variants (fp16/bf16) are not written for multi-student exports yet")

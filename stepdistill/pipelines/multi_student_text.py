@@ -19,6 +19,9 @@ from diffusers import ModelMixin, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .. import backbones
+from . import export as ex
+from ._shim import write_shim
 from .routing import prompt_owners, route_call
 
 
@@ -108,10 +111,6 @@ def export_multi_student_text(spec, out_dir, *, overwrite: bool = False) -> Path
     ``keywords``) as one :class:`MultiStudentTextPipeline` folder: the first student is exported as a stock
     Stable Diffusion pipeline (scheduler, VAE, text encoder, card: the single-student export's checks), then its
     ``unet/`` is replaced by all the students."""
-    from .. import backbones
-    from . import export as ex
-    from ._shim import write_shim
-
     base_index = ex.read_index(Path(spec.base_folder)) if spec.base_folder else {}
     if base_index.get("_class_name") != "StableDiffusionPipeline":
         raise ex.ExportError("text multi-student exports are written for Stable Diffusion (1.x/2.x) teachers; this "

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..config import ConfigError
+from ..schedule import NoiseSchedule
+from ..solvers import lcm_grid
 from .sampling import student_timesteps
 
 SAMPLERS = ("ddim", "lcm", "tcd", "flow_euler", "flow_lcm")
@@ -202,8 +204,6 @@ def _is_flow(config: dict) -> bool:
 
 
 def _static_shift(config: dict) -> float:
-    from ..schedule import NoiseSchedule
-
     return float(NoiseSchedule.from_scheduler(config).shift)
 
 
@@ -215,7 +215,7 @@ def _keep_init_args(cls, config: dict) -> dict:
 def _build(class_name: str, config: dict):
     import diffusers
 
-    from . import schedulers
+    from . import schedulers  # lazy: it imports Diffusers' schedulers
 
     cls = getattr(schedulers, class_name, None) or getattr(diffusers, class_name)
     return cls.from_config(_keep_init_args(cls, config))
@@ -248,17 +248,17 @@ def _pipeline_class(pipeline):
         return pipeline
     import diffusers
 
-    from . import class_conditional
+    from . import class_conditional  # lazy: it imports Diffusers' pipelines
 
     return getattr(class_conditional, pipeline, None) or getattr(diffusers, pipeline, None)
 
 
 def _lcm_grid(total: int, original: int, k: int) -> list[int]:
     """LCMScheduler's (and TCDScheduler's) timesteps for k steps with ``original_inference_steps`` (their
-    set_timesteps, in numpy)."""
+    set_timesteps, in numpy): k of the :func:`~stepdistill.solvers.lcm_grid`, from the top."""
     if k > original:
         return []
-    origin = (np.arange(1, original + 1) * (total // original) - 1)[::-1]
+    origin = np.array(lcm_grid(total, original))[::-1]
     idx = np.floor(np.linspace(0, original, num=k, endpoint=False)).astype(np.int64)
     return [int(t) for t in origin[idx]]
 

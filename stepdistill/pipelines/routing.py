@@ -1,14 +1,18 @@
 """Per-sample routing of a batch to K models by class label or by prompt keywords (multi-student models), as
-pure functions.
+pure functions, and the routed modules over Denoisers that the MSD trainer trains.
 
 Used by the MSD trainer's routed students and by the exported :class:`~stepdistill.pipelines.MultiStudentUNet`,
 so that training and the pipeline route identically. Plain torch: importing it loads no Diffusers pipeline.
 """
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, NamedTuple
 
 import torch
+
+from ..conditioning import Cond
+from ..denoiser import Denoiser
 
 
 # ------------------------------------------------------------------------------------------------ routing
@@ -27,8 +31,6 @@ def prompt_owner(prompt: str, keywords: list[list[str]], default: int | None = N
     """The student of a prompt: the one whose keywords occur in it as whole words (case-insensitive; a keyword
     may be several words). No student's keywords: ``default`` (an error when None); several students': an error
     naming them (a prompt has exactly one student)."""
-    import re
-
     text = " " + " ".join(re.findall(r"[a-z0-9]+", prompt.lower())) + " "
     hits = [k for k, words in enumerate(keywords)
             if any(f" {' '.join(re.findall(r'[a-z0-9]+', w.lower()))} " in text for w in words)]
@@ -75,3 +77,60 @@ def route_call(student_of: torch.Tensor, num_students: int, call: Callable[[int,
         width = len(results[0][1])
         return tuple(merge([(idx, out[j]) for idx, out in results], n) for j in range(width))
     return merge(results, n)
+
+
+# ------------------------------------------------------------------------------------------------ routed modules
+def student_of(cond: Cond | None, owner: list[int] | None) -> torch.Tensor:
+    """Each sample's student: ``owner[label]`` for class-routed students (``owner`` given), else the indices the
+    objective put in ``cond.extra["student"]`` from the prompts (:func:`prompt_owner`)."""
+    if owner is not None:
+        if cond is None or cond.class_labels is None:
+            raise ValueError("multi-student models route by class label: the condition has no class_labels")
+        return owners(cond.class_labels, owner)
+    if cond is None or "student" not in cond.extra:
+        raise ValueError("text multi-student models route by prompt: the condition has no extra['student']")
+    return cond.extra["student"].long()
+
+
+class RoutedDenoiser(torch.nn.Module):
+    """K Denoisers behind one Denoiser call: sample i goes to ``members[student_of(cond)[i]]`` (see
+    :func:`route_call`); predictions and features come back in batch order."""
+
+    def __init__(self, members: list[Denoiser], owner: list[int] | None):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.owner = None if owner is None else [int(o) for o in owner]
+        self.schedule = members[0].schedule
+        self.prediction_type = members[0].prediction_type
+        self.null_class = members[0].null_class
+
+    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, *, output: str = "sample",
+                guidance_scale=None, return_features: bool = False):
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        s = guidance_scale
+
+        def call(k, idx):
+            sk = s[idx] if torch.is_tensor(s) and s.ndim > 0 else s
+            return self.members[k](x_t[idx], t[idx], cond[idx], output=output, guidance_scale=sk,
+                                   return_features=return_features)
+
+        return route_call(student_of(cond, self.owner), len(self.members), call)
+
+
+class RoutedFeatures(NamedTuple):
+    """Bottleneck features in batch order and the student each sample belongs to (for :class:`RoutedHeads`)."""
+
+    features: torch.Tensor
+    student: torch.Tensor
+
+
+class RoutedHeads(torch.nn.Module):
+    """One discriminator head per student; each sample's logit comes from its own student's head."""
+
+    def __init__(self, heads: list[torch.nn.Module]):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(heads)
+
+    def forward(self, routed: RoutedFeatures) -> torch.Tensor:
+        return route_call(routed.student, len(self.heads), lambda k, idx: self.heads[k](routed.features[idx]))

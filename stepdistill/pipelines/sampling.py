@@ -6,7 +6,8 @@ student must be trained at — and :func:`sample_student` runs the student's :cl
 through exactly the updates the pipeline's scheduler makes, so that trainers, evaluation and export agree on
 what "the student's samples" are. The round-trip tests check that an exported pipeline gives the same pixels.
 
-Updates (x_t = alpha_t x0 + sigma_t eps for VP; x = (1 - s) x0 + s eps for flow):
+Updates, the step rules of :data:`stepdistill.solvers.STEP_RULES` (x_t = alpha_t x0 + sigma_t eps for VP;
+x = (1 - s) x0 + s eps for flow):
 
 - ``DDIMScheduler`` (eta = 0): ``x_prev = alpha_p x0 + sigma_p eps`` at ``prev = t - T // K`` (the scheduler's own
   rule, which is the next listed timestep only on even grids); ``prev < 0`` gives x0 (``set_alpha_to_one``).
@@ -26,9 +27,13 @@ Updates (x_t = alpha_t x0 + sigma_t eps for VP; x = (1 - s) x0 + s eps for flow)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..solvers import lcm_boundary_scalings as lcm_scalings, step_rule
 
 #: pipelines that pass their own sigma grid (``linspace(1, 1/K, K)``) to a flow scheduler
 SIGMA_GRID_PIPELINES = ("FluxPipeline",)
@@ -85,17 +90,42 @@ def student_timesteps(scheduler, num_steps: int, pipeline=None) -> list[float]:
     return [float(t) for t in sched.timesteps]
 
 
-def lcm_scalings(t: float, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[float, float]:
-    """LCM's boundary-condition scalings ``(c_skip, c_out)`` at timestep ``t`` (as ``LCMScheduler``)."""
-    scaled = t * timestep_scaling
-    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / math.sqrt(scaled**2 + sigma_data**2)
+@dataclass(frozen=True)
+class SchedulerLevels:
+    """The noise levels a Diffusers scheduler's own ``step`` uses (:class:`stepdistill.solvers.NoiseLevels`), in
+    Python floats: VP ``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)`` from its ``alphas_cumprod`` at the
+    integer timestep (below 0: ``final_alpha_cumprod``, 1 with ``set_alpha_to_one``); flow ``sigma = t / T``,
+    ``alpha = 1 - sigma``."""
+
+    scheduler: Any
+    kind: str = "vp"  # or "flow"
+
+    def abar(self, t) -> float:
+        t, table = int(t), self.scheduler.alphas_cumprod
+        if t < 0:
+            return 1.0 if self.scheduler.config.get("set_alpha_to_one", True) else float(table[0])
+        return float(table[t])
+
+    def alpha_sigma(self, t) -> tuple[float, float]:
+        if self.kind == "flow":
+            sigma = t / self.scheduler.config.num_train_timesteps
+            return 1 - sigma, sigma
+        abar = self.abar(t)
+        return math.sqrt(abar), math.sqrt(1 - abar)
 
 
-def _abar(scheduler, t: int) -> float:
-    """alpha-bar at an integer timestep, with the scheduler's convention below 0 (``final_alpha_cumprod``)."""
-    if t < 0:
-        return 1.0 if scheduler.config.get("set_alpha_to_one", True) else float(scheduler.alphas_cumprod[0])
-    return float(scheduler.alphas_cumprod[int(t)])
+def next_timestep(sampler: str, scheduler, ts: list, i: int):
+    """The timestep ``scheduler`` steps to from ``ts[i]``: DDIMScheduler's own ``t - T // K`` (the next listed one
+    only on even grids; below 0 at the end: x0); TCD and flow Euler the next listed one, 0 after the last; LCM and
+    flow LCM the next listed one, None after the last (that step's output is the sample)."""
+    last = i == len(ts) - 1
+    if sampler == "ddim":
+        return int(ts[i]) - scheduler.config.num_train_timesteps // len(ts)
+    if sampler == "tcd":
+        return 0 if last else int(ts[i + 1])
+    if sampler == "flow_euler":
+        return 0 if last else ts[i + 1]
+    return None if last else ts[i + 1]
 
 
 @torch.no_grad()
@@ -107,68 +137,25 @@ def sample_student(denoiser, scheduler, noise: torch.Tensor, num_steps: int, con
     ``cond`` / ``guidance_scale`` go to the Denoiser (CFG in the standard form; guidance-embedded students take
     ``cond.guidance``). ``generator`` draws the fresh noise of multi-step LCM / TCD sampling, in the pipeline's
     order (so the same seed gives the same images as the pipeline). ``eta``: TCD's gamma (the pipeline call's
-    ``eta``; default 0.3, TCDScheduler's). Returns the final latents / images (float32).
+    ``eta``; default 0.3, TCDScheduler's). Returns the final latents / images (float32). Each step is the
+    scheduler's rule of :data:`stepdistill.solvers.STEP_RULES` on the scheduler's own noise levels.
     """
     sampler = sampler_of(scheduler)
+    rule = step_rule(sampler)
     ts = list(timesteps) if timesteps is not None else student_timesteps(scheduler, num_steps, pipeline)
     x = noise.float() * float(getattr(_fresh(scheduler), "init_noise_sigma", 1.0))
-    n = x.shape[0]
-
-    def predict(x, t, output):
-        tt = torch.full((n,), float(t), device=x.device)
-        return denoiser(x, tt, cond, output=output, guidance_scale=guidance_scale).float()
-
-    if sampler == "flow_euler":
-        big_t = scheduler.config.num_train_timesteps
-        sigmas = [t / big_t for t in ts] + [0.0]
-        for i, t in enumerate(ts):
-            x = x + (sigmas[i + 1] - sigmas[i]) * predict(x, t, "flow")
-        return x
-    if sampler == "flow_lcm":
-        big_t = scheduler.config.num_train_timesteps
-        for i, t in enumerate(ts):
-            x0 = predict(x, t, "sample")
-            if i == len(ts) - 1:
-                return x0
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x0.dtype)
-            s_next = float(ts[i + 1]) / big_t
-            x = (1 - s_next) * x0 + s_next * z
-        return x
-    if sampler == "ddim":
-        step = scheduler.config.num_train_timesteps // len(ts)
-        for t in ts:
-            x0 = predict(x, t, "sample")
-            a_t = _abar(scheduler, int(t))
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-            a_p = _abar(scheduler, int(t) - step)
-            x = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
-        return x
+    levels = SchedulerLevels(scheduler, "flow" if sampler.startswith("flow") else "vp")
+    params = {}
     if sampler == "tcd":
-        gamma = 0.3 if eta is None else float(eta)
-        for i, t in enumerate(ts):
-            x0 = predict(x, t, "sample")
-            a_t = _abar(scheduler, int(t))
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-            t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
-            s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # as TCDScheduler rounds it (float32)
-            a_s = _abar(scheduler, s)
-            x = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
-            if gamma > 0 and i + 1 < len(ts):
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                ratio = _abar(scheduler, t_next) / a_s
-                x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * z
-        return x
-    # lcm
-    scaling = scheduler.config.get("timestep_scaling", 10.0)
+        params["gamma"] = 0.3 if eta is None else float(eta)
+    elif sampler == "lcm":
+        params["timestep_scaling"] = scheduler.config.get("timestep_scaling", 10.0)
     for i, t in enumerate(ts):
-        x0 = predict(x, t, "sample")
-        c_skip, c_out = lcm_scalings(float(t), scaling)
-        denoised = c_out * x0 + c_skip * x
-        if i == len(ts) - 1:
-            return denoised
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=denoised.dtype)
-        a_p = _abar(scheduler, int(ts[i + 1]))
-        x = math.sqrt(a_p) * denoised + math.sqrt(1 - a_p) * z
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        pred = denoiser(x, tt, cond, output=rule.prediction, guidance_scale=guidance_scale).float()
+        draw = rule.fresh_noise and i < len(ts) - 1 and params.get("gamma", 1.0) > 0  # TCD draws none at gamma 0
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if draw else None
+        x = rule(x, pred, t, next_timestep(sampler, scheduler, ts, i), levels, z, **params)
     return x
 
 
@@ -177,4 +164,5 @@ def noise_like_pipeline(shape, generator: torch.Generator | None = None, dtype=t
     return torch.randn(tuple(shape), generator=generator, dtype=dtype)
 
 
-__all__ = ["lcm_scalings", "noise_like_pipeline", "sample_student", "sampler_of", "student_timesteps"]
+__all__ = ["SchedulerLevels", "lcm_scalings", "next_timestep", "noise_like_pipeline", "sample_student", "sampler_of",
+           "student_timesteps"]

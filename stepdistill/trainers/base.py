@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from ..config import ConfigError
+
 
 @dataclass
 class Phase:
@@ -92,8 +94,6 @@ def source_channels(model_in_channels: int, image_channels: int, data, sample_ev
     image_channels``; 0 for an ordinary model), checked against the data: a ConfigError when the model needs
     source images and the data has none (or of another size), or when the run asks for sample grids, which would
     need sources."""
-    from ..config import ConfigError
-
     n = model_in_channels - image_channels
     has_source = data is not None and len(data) > 0 and "source_image" in data[0]
     if n > 0 and not has_source:

@@ -1,5 +1,6 @@
-"""Consistency distillation: LCM (Luo et al. 2023; Song et al. 2023's CD in latent space), LCM-LoRA and SCott
-(a stochastic multi-step teacher solver); Hyper-SD's segmented variant is in ``tscd.py``.
+"""Consistency distillation: LCM (Luo et al. 2023; Song et al. 2023's CD in latent space) and LCM-LoRA; its variants
+are SCott (a stochastic multi-step teacher solver, ``scott.py``), adversarial consistency distillation (``acd.py``)
+and Hyper-SD's segmented TSCD (``tscd.py``).
 
 The student ``f(x_t, t) = c_skip(t) x_t + c_out(t) x0_student(x_t, t)`` is trained so that two points of the
 teacher's ODE trajectory map to the same output: ``x_t`` (noised data at a grid timestep ``t_{n+k}``) and
@@ -20,91 +21,46 @@ source image concatenated for image-conditioned teachers; the student adds ``adv
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from ..backbones import in_channels, unwrap
 from ..conditioning import Cond
+from ..config import ConfigError
 from ..denoiser import Denoiser
-from ..models import load_model
-from ..solvers import ddim_from_x0, solver_step
-from .registry import register
+from ..models import load_model, save_model, text_null_cond
+from ..pipelines.recipes import get_recipe
+from ..pipelines.sampling import sample_student, student_timesteps
+from ..pipelines.spec import ExportSpec
+from ..solvers import ScheduleLevels, ddim_from_x0, lcm_grid, solver_step, step_rule
+from ..solvers import lcm_boundary_scalings as boundary_scalings
 from .base import Objective, Phase, source_channels
-from .dmd import gan_discriminator_loss, gan_generator_loss
+from .common import (PatchDiscriminator, ema_update, gan_discriminator_loss, gan_generator_loss, init_generator,
+                     new_student, pseudo_huber, trainable_copy)
+from .registry import register
 
 
 # ------------------------------------------------------------------------------------------------ the math
-def lcm_grid(num_train_timesteps: int, n: int) -> list[int]:
-    """LCM's solver grid ``t_i = i * (T // N) - 1``, i = 1..N (50 steps of 1000: 19, 39, ..., 999), the
-    ``original_inference_steps`` grid ``LCMScheduler`` samples from."""
-    step = num_train_timesteps // n
-    return [i * step - 1 for i in range(1, n + 1)]
-
-
-def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
-    """LCM's ``c_skip(t) = sd^2 / ((s t)^2 + sd^2)``, ``c_out(t) = s t / sqrt((s t)^2 + sd^2)`` (s = 10): the
-    boundary condition f(x, 0) = x, as ``LCMScheduler.get_scalings_for_boundary_condition_discrete``."""
-    scaled = t.double() * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / torch.sqrt(scaled**2 + sigma_data**2)
-    return c_skip.float(), c_out.float()
-
-
 def consistency_function(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, timestep_scaling: float = 10.0):
-    """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0`` (Song et al. 2023 Eq. 3 with LCM's scalings)."""
+    """``f(x_t, t) = c_skip(t) x_t + c_out(t) x0`` (Song et al. 2023 Eq. 3 with LCM's scalings,
+    :func:`~stepdistill.solvers.lcm_boundary_scalings`), a timestep per sample."""
     c_skip, c_out = (c.view(-1, *([1] * (x_t.ndim - 1))).to(x_t.device)
                      for c in boundary_scalings(t, timestep_scaling))
     return c_skip * x_t.float() + c_out * x0.float()
 
 
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", c: float = 0.001) -> torch.Tensor:
-    """``l2``: ``mean((pred - target)^2)``; ``huber``: LCM's pseudo-Huber ``mean(sqrt((pred - target)^2 + c^2) - c)``
-    elementwise (c = 0.001)."""
-    diff = pred.float() - sg(target).float()
+    """``l2``: ``mean((pred - sg(target))^2)``; ``huber``: LCM's pseudo-Huber ``mean(sqrt((pred - sg(target))^2 +
+    c^2) - c)`` elementwise (c = 0.001; :func:`~stepdistill.trainers.common.pseudo_huber`)."""
     if kind == "l2":
-        return (diff**2).mean()
-    return (torch.sqrt(diff**2 + c * c) - c).mean()
+        return ((pred.float() - sg(target).float()) ** 2).mean()
+    return pseudo_huber(pred, sg(target), c)
 
 
 def sg(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
-
-
-@torch.no_grad()
-def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
-    """``theta_target <- decay * theta_target + (1 - decay) * theta_online`` for every parameter (LCM: 0.95); a
-    tensor the two networks share (the frozen base under LoRA adapters) is left as it is."""
-    for t_param, o_param in zip(target.parameters(), online.parameters()):
-        if t_param is not o_param:
-            t_param.lerp_(o_param.detach().to(t_param.dtype), 1.0 - decay)
-
-
-class PatchDiscriminator(torch.nn.Module):
-    """A conditional PatchGAN (pix2pix, Isola et al. 2017): the image, with the source image it was made from
-    concatenated on channels for image-conditioned teachers, through ``downsamplings`` strided 4x4 convolutions
-    (width doubling, GroupNorm after the first, LeakyReLU 0.2) to a map of logits, one per patch."""
-
-    def __init__(self, channels: int, source_channels: int = 0, width: int = 64, downsamplings: int = 2):
-        super().__init__()
-        layers, c_in, c = [], channels + source_channels, width
-        for i in range(downsamplings):
-            layers.append(torch.nn.Conv2d(c_in, c, 4, stride=2, padding=1))
-            if i > 0:
-                layers.append(torch.nn.GroupNorm(min(32, c // 4), c))
-            layers.append(torch.nn.LeakyReLU(0.2))
-            c_in, c = c, 2 * c
-        layers.append(torch.nn.Conv2d(c_in, 1, 3, padding=1))
-        self.net = torch.nn.Sequential(*layers)
-        self.source_channels = source_channels
-
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
-        if self.source_channels:
-            if source is None:
-                raise ValueError("this discriminator is conditioned on a source image: pass source=")
-            x = torch.cat([x, source.to(x.dtype)], dim=1)
-        return self.net(x.float())
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -146,8 +102,6 @@ class ConsistencyConfig:
     # warm start of the same teacher (default: the teacher's own weights)
 
     def validate(self):
-        from ..config import ConfigError
-
         if self.num_ddim_timesteps < 2:
             raise ConfigError(f"objective.num_ddim_timesteps must be >= 2, not {self.num_ddim_timesteps}")
         if self.guidance_range is not None and (len(self.guidance_range) != 2
@@ -179,9 +133,6 @@ def add_guidance_embedding(teacher: Denoiser, dim: int) -> Denoiser:
     """A trainable copy of the teacher with a guidance embedding: its own if it has one; otherwise (UNet2DCondition-
     Model) a new UNet with ``time_cond_proj_dim = dim`` holding the teacher's weights, the new projection zeroed
     so that the student starts as the teacher. Other backbones: a ConfigError."""
-    from ..backbones import unwrap
-    from ..config import ConfigError
-
     base = unwrap(teacher.backbone)
     if base.config.get("time_cond_proj_dim"):
         return teacher.clone(trainable=True)
@@ -189,16 +140,13 @@ def add_guidance_embedding(teacher: Denoiser, dim: int) -> Denoiser:
         raise ConfigError(f"objective.guidance_range needs a guidance embedding, and a {type(base).__name__} has none "
                           "(only UNet2DConditionModel takes time_cond_proj_dim); distil at a fixed "
                           "objective.guidance_scale instead")
-    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
-    student_backbone = type(base).from_config({**config, "time_cond_proj_dim": dim}).to(next(base.parameters()).dtype)
-    missing, unexpected = student_backbone.load_state_dict(base.state_dict(), strict=False)
+    student = new_student(teacher, {"time_cond_proj_dim": dim}, "objective.guidance_embedding_dim")
+    missing, unexpected = student.backbone.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any("cond_proj" not in k for k in missing):
         raise ConfigError(f"could not carry the teacher's weights into the guidance-embedded student: missing "
                           f"{missing[:3]}, unexpected {unexpected[:3]}")
-    torch.nn.init.zeros_(student_backbone.time_embedding.cond_proj.weight)
-    student = Denoiser(student_backbone, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond,
-                       null_class=teacher.null_class)
-    return student.requires_grad_(True).eval()
+    torch.nn.init.zeros_(student.backbone.time_embedding.cond_proj.weight)
+    return student
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -215,10 +163,6 @@ class ConsistencyObjective(Objective):
     def __init__(self, config: ConsistencyConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
                  resolution: int, channels: int, source_resolution: int | None = None):
         super().__init__(config)
-        from ..backbones import in_channels
-        from ..config import ConfigError
-        from ..pipelines import get_recipe
-
         self.teacher = teacher.freeze()
         self.teacher_scheduler = teacher_scheduler
         self.schedule = teacher.schedule
@@ -234,8 +178,6 @@ class ConsistencyObjective(Objective):
         if self.embeds_guidance:
             self.student = add_guidance_embedding(teacher, config.guidance_embedding_dim)
         elif config.lora_rank:
-            from .dmd import trainable_copy
-
             try:
                 self.student = trainable_copy(teacher, config.lora_rank, config.lora_targets)
             except ValueError as exc:
@@ -309,10 +251,6 @@ class ConsistencyObjective(Objective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "ConsistencyObjective":
-        from ..backbones import in_channels, unwrap
-        from ..config import ConfigError
-        from ..models import text_null_cond
-
         loaded = load_model(run.model)
         null = text_null_cond(run.model, run.cache_dir, run.data.resolution)
         if null is not None:
@@ -334,9 +272,6 @@ class ConsistencyObjective(Objective):
         return objective
 
     def init_student(self, source: str) -> None:
-        from ..config import ConfigError
-        from .dmd import init_generator
-
         if self.config.lora_rank:
             raise ConfigError("objective.student_init loads full weights; a LoRA student starts from the teacher")
         init_generator(self.student, source, "objective.student_init")
@@ -351,8 +286,6 @@ class ConsistencyObjective(Objective):
         return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, device=device)
 
     def _student_cond(self, cond: Cond, scale: torch.Tensor | None) -> Cond:
-        from dataclasses import replace
-
         return replace(cond, guidance=scale) if scale is not None and self.embeds_guidance else cond
 
     def _batch_cond(self, batch) -> Cond:
@@ -420,8 +353,6 @@ class ConsistencyObjective(Objective):
 
     def after_step(self, phase, step):
         if phase == "student" and self.target is not None:
-            from ..backbones import unwrap
-
             ema_update(self.target, unwrap(self.student), self.config.target_ema)
 
     # --- sampling and export -----------------------------------------------------------------------
@@ -437,34 +368,32 @@ class ConsistencyObjective(Objective):
 
     @torch.no_grad()
     def sample(self, batch, generator=None):
-        """The exported scheduler's sampling: x0 from the consistency function, fresh noise to the next step
-        (``sampler: tcd``: TCDScheduler's steps)."""
+        """The exported scheduler's sampling: x0 from the consistency function, then fresh noise to the next step —
+        the ``lcm`` step rule (flow: ``flow_lcm``) on the teacher's schedule (``sampler: tcd``: TCDScheduler's)."""
         x, cond = self._sample_inputs(batch["batch_size"], generator)
         if self.recipe.sampler == "tcd":
             return self.sample_tcd(x, cond, generator)
+        flow = self.schedule.kind == "flow"
+        rule = step_rule("flow_lcm" if flow else "lcm")
+        params = {} if flow else {"timestep_scaling": self.config.timestep_scaling}
+        levels = ScheduleLevels(self.schedule, x)
         ts = self.sample_timesteps()
         for i, t in enumerate(ts):
-            tt = torch.full((x.shape[0],), float(t), device=x.device)
-            x0 = self.f(x, self.student(x, tt, cond), tt)
-            x = x0 if i == len(ts) - 1 else self.schedule.add_noise(x0, torch.randn_like(x0), float(ts[i + 1]))
+            x0 = self.student(x, torch.full((x.shape[0],), float(t), device=x.device), cond)
+            t_next = float(ts[i + 1]) if i < len(ts) - 1 else None
+            x = rule(x, x0, float(t), t_next, levels, None if t_next is None else torch.randn_like(x0), **params)
         return x.clamp(-1, 1)
 
     def sample_tcd(self, x: torch.Tensor, cond: Cond, generator=None) -> torch.Tensor:
-        from ..pipelines.sampling import sample_student
-
         scheduler = self.recipe.make_scheduler(self.teacher_scheduler, self.student.prediction_type)
         return sample_student(self.student, scheduler, x, self.recipe.num_inference_steps, cond,
                               generator=generator, eta=self.recipe.eta).clamp(-1, 1)
 
     def sample_timesteps(self) -> list[float]:
-        from ..pipelines.sampling import student_timesteps
-
         scheduler = self.recipe.make_scheduler(self.teacher_scheduler, self.student.prediction_type)
         return student_timesteps(scheduler, self.recipe.num_inference_steps)
 
     def save_pretrained(self, directory):
-        from ..models import save_model
-
         save_model(self.student, self.teacher_scheduler, directory,
                    {"num_classes": self.num_classes, "student_steps": self.config.student_steps, **self._meta()})
 
@@ -473,8 +402,6 @@ class ConsistencyObjective(Objective):
         return meta | ({"source_resolution": self.source_resolution} if self.source_channels else {})
 
     def export_spec(self):
-        from ..pipelines.spec import ExportSpec
-
         return ExportSpec(student=self.student, recipe=self.recipe, base_scheduler=self.teacher_scheduler,
                           method=self.name, num_classes=self.num_classes, timesteps=self.sample_timesteps(),
                           base_folder=getattr(self, "base_folder", None), meta=self._meta())
@@ -497,8 +424,6 @@ class LCMLoRAObjective(ConsistencyObjective):
     Config = LCMLoRAConfig
 
     def __init__(self, config: ConsistencyConfig, *args, **kwargs):
-        from ..config import ConfigError
-
         if not config.lora_rank:
             raise ConfigError("method lcm_lora needs objective.lora_rank (LCM-LoRA: 64)")
         super().__init__(config, *args, **kwargs)
@@ -508,47 +433,3 @@ class LCMLoRAObjective(ConsistencyObjective):
         if not self.config.target_ema:
             return None
         return self.student.clone(trainable=False, share_weights="base").freeze()
-
-
-@dataclass
-class SCottConfig(ConsistencyConfig):
-    """SCott's defaults: the stochastic teacher solver (its exact noise strength and step count are the paper's
-    to verify; methods.md 1.1 marks them so) — here DDIM with eta 0.5 in 2 sub-steps per target."""
-
-    solver_eta: float = 0.5
-    solver_substeps: int = 2
-
-
-@register
-class SCottObjective(ConsistencyObjective):
-    """SCott (Liu et al. 2024, stochastic consistency distillation): consistency distillation whose teacher
-    solver is stochastic and multi-step (``solver_eta``, ``solver_substeps``)."""
-
-    name = "scott"
-    Config = SCottConfig
-
-
-@dataclass
-class ACDConfig(ConsistencyConfig):
-    """Adversarial consistency distillation's defaults: consistency distillation plus the adversarial term; the
-    paper (SAR-to-optical translation) does not state its weight in the abstract, so 0.1 is ours, not tuned."""
-
-    adv_weight: float = 0.1
-
-
-@register
-class ACDObjective(ConsistencyObjective):
-    """Adversarial consistency distillation (the SAR-to-optical translation paper, 2024): consistency distillation
-    of an image-to-image teacher (the source image concatenated on channels) plus a conditional PatchGAN on the
-    student's outputs against the real images, "to ensure image clarity and minimize color shifts"."""
-
-    name = "acd"
-    Config = ACDConfig
-
-    def __init__(self, config: ConsistencyConfig, *args, **kwargs):
-        from ..config import ConfigError
-
-        if config.adv_weight <= 0:
-            raise ConfigError("method acd is consistency distillation with an adversarial term: set "
-                              "objective.adv_weight > 0 (or use method lcm)")
-        super().__init__(config, *args, **kwargs)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import Cond
+from ..config import ConfigError
 from ..denoiser import cfg as classifier_free_guidance
-from .registry import register
 from .dmd import DMDConfig, DMDObjective, dmd_loss
+from .registry import register
 
 
 # ------------------------------------------------------------------------------------------------ the math
@@ -74,8 +75,6 @@ class DecoupledDMDConfig(DMDConfig):
     ca_below_generator_t: bool = True  # False: tau_CA over [ca_t_min, ca_t_max] always (Decoupled-Full)
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         if not 0 <= self.ca_t_min < self.ca_t_max <= 1:
             raise ConfigError("objective.ca_t_min and ca_t_max must satisfy 0 <= ca_t_min < ca_t_max <= 1")
@@ -118,14 +117,9 @@ class DecoupledDMDObjective(DMDObjective):
         return torch.randint(min(int(cfg.ca_t_min * big_t), hi), hi + 1, (n,), device=device).float()
 
     def real_cond_uncond(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond):
-        """The teacher's conditional and unconditional x0 in one batched pass (null cond as the teacher's CFG)."""
-        teacher = self.teacher
-        if teacher.null_cond is None and cond.encoder_hidden_states is not None:
-            raise ValueError("CFG augmentation on a text-conditioned teacher needs the encoded empty prompt: build "
-                             "the teacher Denoiser with null_cond=PromptEncoder.null()")
-        uncond = cond.null_like(teacher.null_cond, null_class=teacher.null_class)
-        both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, uncond]))
-        return both.chunk(2)
+        """The teacher's conditional and unconditional x0 in one batched pass (:meth:`Denoiser.cond_uncond`: the
+        null condition of the teacher's own CFG)."""
+        return self.teacher.cond_uncond(x_t, t, cond)
 
     def distribution_matching(self, x: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
         cfg = self.config

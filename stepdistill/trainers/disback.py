@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ..backbones import unwrap
 from ..conditioning import Cond
+from ..config import ConfigError
 from ..denoiser import Denoiser
-from .registry import register
+from ..models import save_model
 from .base import Phase
-from .dmd import DMDConfig, DMDObjective, dmd_gradient, dmd_loss
+from .dmd import DMDConfig, DMDObjective
+from .registry import register
 
 PATH_DIR = "path"
 RECORD_FILE = "record.json"
@@ -90,8 +94,6 @@ class DisBackRecordConfig(DMDConfig):
     record_every: int = 100
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         if self.record_every < 1:
             raise ConfigError(f"objective.record_every must be >= 1, not {self.record_every}")
@@ -136,8 +138,6 @@ class DisBackRecordObjective(DMDObjective):
             return
         if self.path_dir is None:
             raise RuntimeError("disback_record needs its run folder: build it with from_config(run) or set path_dir")
-        from ..backbones import unwrap
-
         updates = step + 1
         self.path_dir.mkdir(parents=True, exist_ok=True)
         record = self.path_dir / RECORD_FILE
@@ -151,8 +151,6 @@ class DisBackRecordObjective(DMDObjective):
 
     def save_pretrained(self, directory):
         """The score at the end of recording (the path's last point) as a model folder."""
-        from ..models import save_model
-
         save_model(self.fake_score, self.teacher_scheduler, directory,
                    {"num_classes": self.num_classes, "resolution": self.resolution, "channels": self.channels,
                     "disback": "path end (score of the initial student's samples)"})
@@ -174,8 +172,6 @@ class DisBackConfig(DMDConfig):
     fake_score_init: Literal["teacher", "path_end"] = "teacher"
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         if not self.path:
             raise ConfigError("objective.path: give the output_dir of a disback_record run (stage 1)")
@@ -193,8 +189,6 @@ class DisBackObjective(DMDObjective):
 
     def __init__(self, config: DisBackConfig, teacher: Denoiser, teacher_scheduler, num_classes, resolution,
                  channels):
-        from ..config import ConfigError
-
         super().__init__(config, teacher, teacher_scheduler, num_classes, resolution, channels)
         self.path = path_files(config.path)
         if not self.path:
@@ -208,8 +202,6 @@ class DisBackObjective(DMDObjective):
                                   f"recorded for {recorded[key]!r}: the path belongs to another initial student")
         self.recorded = recorded
         if config.real_guidance_scale != 1 and recorded.get("label_dropout", 0) == 0:
-            import warnings
-
             warnings.warn(f"objective.real_guidance_scale={config.real_guidance_scale} applies CFG to the path's "
                           "scores, but they were recorded without label dropout (their null class drifts from the "
                           "teacher's); record with objective.label_dropout > 0, or use guidance 1", stacklevel=2)
@@ -221,9 +213,6 @@ class DisBackObjective(DMDObjective):
 
     def _load_into(self, score: Denoiser, index: int) -> None:
         from safetensors.torch import load_file
-
-        from ..backbones import unwrap
-        from ..config import ConfigError
 
         state = load_file(str(self.path[index]))
         backbone = unwrap(unwrap(score).backbone)
@@ -248,20 +237,19 @@ class DisBackObjective(DMDObjective):
 
     @property
     def real_score(self) -> Denoiser:
+        """The network that is the real score now: the path checkpoint of the current target, or the teacher."""
         return self.teacher if self._target is None else self.path_score
 
-    def loss(self, phase, batch, step):
-        self.set_target(step)
-        return super().loss(phase, batch, step)
+    def real_score_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """DMD2's real score replaced by the current target (:meth:`set_target`), with the teacher's CFG scale
+        ``real_guidance_scale``: ``grad = (x0_fake - x0_target) / mean|x - x0_target|``
+        (:func:`~stepdistill.trainers.dmd.dmd_gradient`)."""
+        return self.real_score(x_t, t, cond, guidance_scale=self.config.real_guidance_scale)
 
-    def distribution_matching(self, x: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
-        """DMD2's term with the current target as the real score:
-        ``grad = (x0_fake - x0_target) / mean|x - x0_target|`` (:func:`~stepdistill.trainers.dmd.dmd_gradient`)."""
-        t = self.dm_timesteps(x.shape[0], x.device)
-        with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), torch.randn_like(x), t)
-            x0_fake = self.fake_score(x_t, t, cond)
-            x0_real = self.real_score(x_t, t, cond, guidance_scale=self.config.real_guidance_scale)
-            grad = dmd_gradient(x.detach(), x0_real, x0_fake)
-        target = torch.tensor(float(self.target_updates(self._target)), device=x.device)
-        return {"dm": dmd_loss(x, grad), "target_updates": target}
+    def loss(self, phase, batch, step):
+        """DMD2's loss against the target of ``step``; the generator's logs add the target's stage-1 updates."""
+        self.set_target(step)
+        total, logs = super().loss(phase, batch, step)
+        if phase == "generator":
+            logs["target_updates"] = torch.tensor(float(self.target_updates(self._target)), device=total.device)
+        return total, logs

@@ -13,8 +13,9 @@ from typing import Literal
 import torch
 
 from ..conditioning import Cond
-from .registry import register
+from ..config import ConfigError
 from .dmd import DMDConfig, DMDObjective, dmd_gradient, dmd_loss
+from .registry import register
 
 Divergence = Literal["rkl", "kl", "js", "sh", "jf", "sf", "neyman"]
 
@@ -77,8 +78,6 @@ class FDistillConfig(DMDConfig):
     gan_weight_disc: float = 1e-2
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         if self.gan_weight_gen <= 0 or self.gan_weight_disc <= 0:
             raise ConfigError("f_distill reads the density ratio off the GAN discriminator: set "
@@ -108,6 +107,6 @@ class FDistillObjective(DMDObjective):
             if cfg.ratio_bins:
                 r = ratio_bin_normalize(r, t, cfg.ratio_bins, 0.0, float(self.schedule.num_train_timesteps))
             h = f_weight(r, cfg.divergence)
-            x0_real = self.teacher(x_t, t, cond, guidance_scale=cfg.real_guidance_scale)
+            x0_real = self.real_score_x0(x_t, t, cond)
             grad = f_distill_gradient(x.detach(), x0_real, x0_fake, h)
         return {"dm": dmd_loss(x, grad), "ratio": r.mean(), "h_min": h.min(), "h_max": h.max()}

@@ -23,10 +23,15 @@ from pathlib import Path
 
 import torch
 
+from ..backbones import unwrap
 from ..conditioning import Cond
-from .registry import register
+from ..config import ConfigError
+from ..models import load_model
+from ..pipelines import export as ex
 from .base import Objective, Phase
 from .checkpoint import rng_state, set_rng_state
+from .common import pseudo_huber
+from .registry import register
 
 
 # ------------------------------------------------------------------------------------------------ the math
@@ -64,9 +69,9 @@ def cm_scalings(sigma: torch.Tensor, sigma_min: float = 0.002, sigma_data: float
 
 
 def ict_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, c: float) -> torch.Tensor:
-    """``mean_b lambda_b (sqrt(||pred_b - sg(target_b)||^2 + c^2) - c)`` (iCT Eq. 5 with the pseudo-Huber metric)."""
-    sq = ((pred.float() - target.detach().float()) ** 2).flatten(1).sum(1)
-    return (weight.float() * (torch.sqrt(sq + c * c) - c)).mean()
+    """``mean_b lambda_b (sqrt(||pred_b - sg(target_b)||^2 + c^2) - c)`` (iCT Eq. 5 with the pseudo-Huber metric over
+    each sample, :func:`~stepdistill.trainers.common.pseudo_huber`; iCT's ``c = 0.00054 sqrt(d)``)."""
+    return pseudo_huber(pred, target.detach(), c, per_sample=True, weight=weight)
 
 
 class ConsistencyModel(torch.nn.Module):
@@ -103,8 +108,6 @@ class ICTConfig:
     sample_timesteps: list[int] | None = None
 
     def validate(self):
-        from ..config import ConfigError
-
         if not 0 < self.sigma_min < self.sigma_max:
             raise ConfigError("objective.sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max")
         if not 1 <= self.s0 <= self.s1:
@@ -129,8 +132,6 @@ class ICTObjective(Objective):
 
     def __init__(self, config: ICTConfig, backbone: torch.nn.Module, num_classes: int | None, resolution: int,
                  channels: int, total_steps: int):
-        from ..config import ConfigError
-
         super().__init__(config)
         self.model = ConsistencyModel(backbone, config.sigma_min, config.sigma_data).requires_grad_(True)
         self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
@@ -152,10 +153,6 @@ class ICTObjective(Objective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "ICTObjective":
-        from ..backbones import unwrap
-        from ..config import ConfigError
-        from ..models import load_model
-
         if data is None or len(data) == 0 or "image" not in data[0]:
             raise ConfigError("iCT trains on data: set data.dataset to digits or folder")
         base = unwrap(load_model(run.model).denoiser.backbone)
@@ -200,8 +197,6 @@ class ICTObjective(Objective):
     @torch.no_grad()
     def sample(self, batch, generator=None, steps: int | None = None):
         """Multistep consistency sampling exactly as ``ConsistencyModelPipeline`` runs it."""
-        from ..backbones import unwrap
-
         n, device = batch["batch_size"], self.device
         sched = self.scheduler()
         if steps in (None, self.config.student_steps) and self.config.sample_timesteps is not None:
@@ -219,8 +214,6 @@ class ICTObjective(Objective):
         return x.clamp(-1, 1)
 
     def save_pretrained(self, directory):
-        from ..backbones import unwrap
-
         unwrap(self.model).backbone.save_pretrained(Path(directory) / "unet")
         self.scheduler().save_pretrained(Path(directory) / "scheduler")
 
@@ -247,9 +240,6 @@ class ICTExport:
 
     def export_to(self, out_dir, *, overwrite: bool = False, variants=(), lora_format=None, **_ignored) -> Path:
         from diffusers import ConsistencyModelPipeline
-
-        from ..backbones import unwrap
-        from ..pipelines import export as ex
 
         if variants or lora_format not in (None, "fused"):
             raise ex.ExportError("iCT exports write full float32 weights (no variants, no LoRA)")
@@ -278,8 +268,10 @@ class ICTExport:
             steps_arg = (f"num_inference_steps={steps}" if timesteps is None
                          else f"num_inference_steps=None, timesteps={list(timesteps)}")
             (tmp / "README.md").write_text(
-                "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags: [stepdistill, "
-                "consistency-model, ict]\n---\n\n# iCT consistency model\n\nTrained by stepdistill's `ict` (improved "
+                "---\nlibrary_name: diffusers\n" + ("tags: [stepdistill, consistency-model, ict, class-conditional, "
+                                                       "image-generation]" if o.num_classes else
+                                                       "pipeline_tag: unconditional-image-generation\ntags: [stepdistill, "
+                                                       "consistency-model, ict]") + "\n---\n\n# iCT consistency model\n\nTrained by stepdistill's `ict` (improved "
                 "consistency training, Song & Dhariwal 2023) from data alone. Stock Diffusers:\n\n```python\n"
                 "from diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained(\"PATH\")  # "
                 f"ConsistencyModelPipeline\nimages = pipe({labels}{steps_arg}).images\n```\n\nIt samples at any "

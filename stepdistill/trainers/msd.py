@@ -35,17 +35,22 @@ import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from ..backbones import unwrap
 from ..conditioning import Cond
+from ..config import ConfigError
 from ..denoiser import Denoiser
-from ..pipelines.routing import owners, prompt_owners, route_call
-from .registry import register
+from ..models import load_model, save_model
+from ..pipelines.routing import RoutedDenoiser, RoutedFeatures, RoutedHeads, prompt_owners, student_of
+from ..solvers import sample as solve, scheduler_timesteps
 from .base import Objective, Phase
+from .common import new_student
 from .dmd import DMDConfig, DMDObjective
+from .registry import register
 
 STUDENTS_FILE = "multi_student.json"
 
@@ -54,8 +59,6 @@ STUDENTS_FILE = "multi_student.json"
 def even_partition(num_classes: int, num_students: int) -> list[list[int]]:
     """Classes ``0..C-1`` in ``K`` contiguous groups whose sizes differ by at most one (the first ``C mod K``
     groups get ``ceil(C/K)``): 10 classes, 2 students -> ``[[0..4], [5..9]]``."""
-    from ..config import ConfigError
-
     if not 1 <= num_students <= num_classes:
         raise ConfigError(f"objective.num_students must be between 1 and the number of classes ({num_classes}), "
                           f"not {num_students}")
@@ -73,8 +76,6 @@ def owner_table(partition: list[list[int]], num_classes: int) -> list[int]:
 
     A partition must cover every class ``0..C-1`` exactly once: classes without a student, classes owned by
     several students, unknown classes and students without classes are a ConfigError naming them."""
-    from ..config import ConfigError
-
     owner: dict[int, int] = {}
     dup, unknown = {}, []
     for k, group in enumerate(partition):
@@ -107,68 +108,9 @@ def tsm_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Te
     return F.mse_loss(student_pred.float(), teacher_pred.detach().float())
 
 
-# ------------------------------------------------------------------------------------------------ routed modules
-def student_of(cond: Cond | None, owner: list[int] | None) -> torch.Tensor:
-    """Each sample's student: ``owner[label]`` for class-routed students (``owner`` given), else the indices the
-    objective put in ``cond.extra["student"]`` from the prompts (:func:`~stepdistill.pipelines.routing.prompt_owner`)."""
-    if owner is not None:
-        if cond is None or cond.class_labels is None:
-            raise ValueError("multi-student models route by class label: the condition has no class_labels")
-        return owners(cond.class_labels, owner)
-    if cond is None or "student" not in cond.extra:
-        raise ValueError("text multi-student models route by prompt: the condition has no extra['student']")
-    return cond.extra["student"].long()
-
-
-class RoutedDenoiser(torch.nn.Module):
-    """K Denoisers behind one Denoiser call: sample i goes to ``members[student_of(cond)[i]]`` (see
-    :func:`stepdistill.pipelines.multi_student.route_call`); predictions and features come back in batch order."""
-
-    def __init__(self, members: list[Denoiser], owner: list[int] | None):
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-        self.owner = None if owner is None else [int(o) for o in owner]
-        self.schedule = members[0].schedule
-        self.prediction_type = members[0].prediction_type
-        self.null_class = members[0].null_class
-
-    def forward(self, x_t: torch.Tensor, t, cond: Cond | None = None, *, output: str = "sample",
-                guidance_scale=None, return_features: bool = False):
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        s = guidance_scale
-
-        def call(k, idx):
-            sk = s[idx] if torch.is_tensor(s) and s.ndim > 0 else s
-            return self.members[k](x_t[idx], t[idx], cond[idx], output=output, guidance_scale=sk,
-                                   return_features=return_features)
-
-        return route_call(student_of(cond, self.owner), len(self.members), call)
-
-
-class RoutedFeatures(NamedTuple):
-    """Bottleneck features in batch order and the student each sample belongs to (for :class:`RoutedHeads`)."""
-
-    features: torch.Tensor
-    student: torch.Tensor
-
-
-class RoutedHeads(torch.nn.Module):
-    """One discriminator head per student; each sample's logit comes from its own student's head."""
-
-    def __init__(self, heads: list[torch.nn.Module]):
-        super().__init__()
-        self.heads = torch.nn.ModuleList(heads)
-
-    def forward(self, routed: RoutedFeatures) -> torch.Tensor:
-        return route_call(routed.student, len(self.heads), lambda k, idx: self.heads[k](routed.features[idx]))
-
-
 # ------------------------------------------------------------------------------------------------ students
 def check_routable(num_classes: int | None, cfg) -> None:
     """Class teachers route by ``partition`` (class ids), text teachers by ``prompt_partition`` (keywords)."""
-    from ..config import ConfigError
-
     if not num_classes and not hasattr(cfg, "prompt_partition"):
         raise ConfigError("msd_tsm pretrains class-routed students; a text teacher's MSD students start as copies "
                           "of the teacher (method msd with objective.prompt_partition)")
@@ -185,27 +127,9 @@ def make_student(teacher: Denoiser, overrides: dict) -> Denoiser:
     """A student: the teacher's copy (no overrides), or a new, randomly initialised backbone of the teacher's
     class whose config is the teacher's updated with ``overrides`` (e.g. fewer ``block_out_channels``) on the
     teacher's schedule and prediction type."""
-    from ..backbones import unwrap
-    from ..config import ConfigError
-
     if not overrides:
         return teacher.clone(trainable=True)
-    base = unwrap(teacher.backbone)
-    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ConfigError(f"objective.student_backbone_config: {type(base).__name__} has no key(s) {unknown}")
-    try:
-        backbone = type(base).from_config({**config, **overrides})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"objective.student_backbone_config does not make a valid {type(base).__name__}: "
-                          f"{exc}") from exc
-    dtype = next(base.parameters()).dtype
-    if dtype != torch.float32:
-        backbone = backbone.to(dtype)
-    student = Denoiser(backbone, teacher.schedule, teacher.prediction_type, null_cond=teacher.null_cond,
-                       null_class=teacher.null_class)
-    return student.requires_grad_(True).eval()
+    return new_student(teacher, overrides, "objective.student_backbone_config")
 
 
 @torch.no_grad()
@@ -213,8 +137,6 @@ def check_student_output(student: Denoiser, teacher: Denoiser, k: int, num_class
                          channels: int) -> None:
     """A student must map the teacher's inputs to outputs of the teacher's shape (for its lowest and highest
     class); anything else is a ConfigError naming the shapes."""
-    from ..config import ConfigError
-
     x = torch.zeros(2, channels, resolution, resolution, device=next(teacher.parameters()).device)
     cond = (Cond(class_labels=torch.tensor([0, num_classes - 1], device=x.device)) if num_classes
             else teacher.null_cond.to(x.device).repeat(2))
@@ -232,8 +154,6 @@ def check_student_output(student: Denoiser, teacher: Denoiser, k: int, num_class
 
 def students_folder(path: str | Path) -> Path:
     """The folder of saved students: ``path`` itself or, for a run folder, ``path/final``."""
-    from ..config import ConfigError
-
     path = Path(path).expanduser()
     for folder in (path, path / "final"):
         if (folder / STUDENTS_FILE).is_file():
@@ -244,8 +164,6 @@ def students_folder(path: str | Path) -> Path:
 
 def save_students(members: list[Denoiser], scheduler, directory, partition: list[list[int]], meta: dict) -> Path:
     """``directory/student_<k>/`` (a Diffusers model folder each) and ``directory/multi_student.json``."""
-    from ..models import save_model
-
     directory = Path(directory)
     for k, (student, classes) in enumerate(zip(members, partition)):
         save_model(student, scheduler, directory / f"student_{k}", {**meta, "classes": classes})
@@ -257,9 +175,6 @@ def load_students(members: list[Denoiser], path, partition: list[list[int]]) -> 
     """Load saved students (from :func:`save_students`) into ``members``; the partition and each architecture
     must match (a ConfigError says which does not)."""
     from safetensors.torch import load_file
-
-    from ..backbones import unwrap
-    from ..config import ConfigError
 
     folder = students_folder(path)
     saved = json.loads((folder / STUDENTS_FILE).read_text())
@@ -282,8 +197,6 @@ def build_students(teacher: Denoiser, cfg, num_classes: int | None, resolution: 
     """``(students, partition, owner)`` for a config with ``num_students`` / ``partition`` /
     ``student_backbone_config`` / ``student_init``; every check that can fail is a ConfigError."""
     check_routable(num_classes, cfg)
-    from ..config import ConfigError
-
     if not num_classes:  # text: keyword groups, routed per prompt (owner None)
         partition, owner = [list(g) for g in cfg.prompt_partition], None
     else:
@@ -302,8 +215,6 @@ def build_students(teacher: Denoiser, cfg, num_classes: int | None, resolution: 
 
 
 def _validate_students(cfg) -> None:
-    from ..config import ConfigError
-
     if cfg.num_students < 1:
         raise ConfigError(f"objective.num_students must be >= 1, not {cfg.num_students}")
     for key in ("partition", "prompt_partition"):
@@ -348,8 +259,6 @@ class MSDConfig(DMDConfig):
     student_init: str | None = None
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         _validate_students(self)
         if self.label_dropout > 0 and self.fake_score == "per_student":
@@ -394,8 +303,6 @@ class MSDObjective(DMDObjective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "MSDObjective":
-        from ..config import ConfigError
-
         objective = super().from_config(run, data)
         if objective.routes_prompts and getattr(data, "prompts", None):  # every training prompt needs one student
             try:
@@ -428,8 +335,6 @@ class MSDObjective(DMDObjective):
 
     @property
     def students(self) -> list[Denoiser]:
-        from ..backbones import unwrap
-
         return list(unwrap(self.generator).members)
 
     def save_pretrained(self, directory):
@@ -438,8 +343,7 @@ class MSDObjective(DMDObjective):
                        "student_steps": self.config.student_steps, "timesteps": self.timesteps})
 
     def export_spec(self):
-        from ..backbones import unwrap
-        from ..pipelines.multi_student import MultiStudentSpec
+        from ..pipelines.multi_student import MultiStudentSpec  # lazy: it imports Diffusers' pipelines
 
         return MultiStudentSpec(student=unwrap(self.generator), recipe=self.recipe,
                                 base_scheduler=self.teacher_scheduler, method=self.name, num_classes=self.num_classes,
@@ -496,9 +400,6 @@ class MSDTSMObjective(Objective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "MSDTSMObjective":
-        from ..config import ConfigError
-        from ..models import load_model
-
         if data is None or len(data) == 0 or "image" not in data[0]:
             raise ConfigError("msd_tsm noises data images: set data.dataset to digits, folder or pairs")
         loaded = load_model(run.model)
@@ -519,15 +420,11 @@ class MSDTSMObjective(Objective):
 
     @property
     def students(self) -> list[Denoiser]:
-        from ..backbones import unwrap
-
         return list(unwrap(self.generator).members)
 
     @torch.no_grad()
     def sample(self, batch, generator=None):
         from diffusers import DDIMScheduler
-
-        from ..solvers import sample as solve, scheduler_timesteps
 
         n = batch["batch_size"]
         device = self.device

@@ -1,4 +1,6 @@
-"""Teacher training: the plain denoising loss (epsilon, v or flow matching), with label dropout for CFG."""
+"""Teacher training: the plain denoising loss (epsilon, v or flow matching), with label dropout for CFG.
+
+The loss, :func:`~stepdistill.trainers.common.denoising_loss`, is also the DMD family's fake-score loss."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,25 +8,17 @@ from typing import Literal
 
 import torch
 
+from ..backbones import in_channels, unwrap
 from ..conditioning import Cond
+from ..config import ConfigError
 from ..denoiser import Denoiser
 from ..models import LoadedModel, check_resolution, load_model, save_model
-from ..schedule import NoiseSchedule
+from ..pipelines.recipes import get_recipe
+from ..pipelines.spec import ExportSpec
 from ..solvers import sample as solve, scheduler_timesteps
-from .registry import register
 from .base import Objective, Phase, source_channels
-
-
-def denoising_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   schedule: NoiseSchedule, prediction_type: str) -> torch.Tensor:
-    """``E ||pred - target||^2`` with the target of the prediction type: eps (DDPM, Ho et al. 2020 Eq. 14),
-    ``v = alpha eps - sigma x0`` (Salimans & Ho 2022), x0, or the flow velocity ``eps - x0`` (Lipman et al.
-    2023; SD3 Eq. 2 with sigma = t)."""
-    a, s = schedule.alpha_sigma(t)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    a, s = a.to(x0.device).view(shape), s.to(x0.device).view(shape)
-    targets = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0, "flow": noise - x0}
-    return torch.mean((pred.float() - targets[prediction_type].float()) ** 2)
+from .common import denoising_loss
+from .registry import register
 
 
 @dataclass
@@ -35,8 +29,6 @@ class DenoisingConfig:
     sample_guidance: float = 1.0
 
     def validate(self):
-        from ..config import ConfigError
-
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"objective.label_dropout must be in [0, 1), not {self.label_dropout}")
 
@@ -77,8 +69,6 @@ class DenoisingObjective(Objective):
 
     @classmethod
     def from_config(cls, run, data=None) -> "DenoisingObjective":
-        from ..backbones import in_channels, unwrap
-
         loaded = load_model(run.model)
         check_resolution(loaded.denoiser.backbone, run.data.resolution)
         backbone = unwrap(loaded.denoiser.backbone)
@@ -132,9 +122,6 @@ class DenoisingObjective(Objective):
     def export_spec(self):
         """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
         from diffusers import DDIMScheduler
-
-        from ..pipelines.spec import ExportSpec
-        from ..pipelines.recipes import get_recipe
 
         guidance = self.config.sample_guidance if self.num_classes else 1.0
         recipe = get_recipe("ddim", self.config.sample_steps, guidance)

@@ -11,9 +11,11 @@ from typing import Literal
 import torch
 
 from ..conditioning import Cond
-from ..solvers import ddim_from_x0
-from .registry import register
+from ..config import ConfigError
+from ..pipelines.recipes import get_recipe
+from ..solvers import ddim_from_x0, sample as solve
 from .consistency import ConsistencyConfig, ConsistencyObjective, consistency_loss
+from .registry import register
 
 
 def segment_boundary(t: torch.Tensor, num_segments: int, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -55,8 +57,6 @@ class TSCDConfig(ConsistencyConfig):
     loss: Literal["l2", "huber"] = "huber"
 
     def validate(self):
-        from ..config import ConfigError
-
         super().validate()
         if self.sample_timesteps is not None:
             raise ConfigError("objective.sample_timesteps is not for tscd: each stage exports DDIM at trailing "
@@ -84,8 +84,6 @@ class TSCDObjective(ConsistencyObjective):
     Config = TSCDConfig
 
     def __init__(self, config: TSCDConfig, *args, **kwargs):
-        from ..config import ConfigError
-
         if config.adv_weight:
             raise ConfigError("tscd's outputs are points on segment boundaries, not images: the adversarial term "
                               "(objective.adv_weight) is for lcm, scott and acd")
@@ -101,8 +99,6 @@ class TSCDObjective(ConsistencyObjective):
     def stage_recipe(self, segments: int):
         """DDIM at trailing timesteps, one step per segment (``student_steps`` once there is one segment); or
         TCDScheduler on the solver grid, whose k steps are the same trailing timesteps."""
-        from ..pipelines import get_recipe
-
         steps = segments if segments > 1 else self.config.student_steps
         if self.config.sampler == "tcd":
             return get_recipe("tcd", steps, self.recipe_guidance, eta=self.config.tcd_gamma,
@@ -143,8 +139,6 @@ class TSCDObjective(ConsistencyObjective):
 
     @torch.no_grad()
     def sample(self, batch, generator=None):
-        from ..solvers import sample as solve
-
         x, cond = self._sample_inputs(batch["batch_size"], generator)
         if self.recipe.sampler == "tcd":
             return self.sample_tcd(x, cond, generator)
