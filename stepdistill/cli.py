@@ -1,4 +1,6 @@
-"""The ``stepdistill`` command: parse, build, call. Also runs as ``accelerate launch -m stepdistill ...``."""
+"""The ``stepdistill`` command: parse, build, call. Also runs as ``accelerate launch -m stepdistill ...``.
+
+Each command imports what it needs when it runs, so that ``stepdistill --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
@@ -50,10 +52,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Mistakes in what the user gave us: printed as one line, exit status 2, no traceback."""
     from .config import ConfigError
     from .data import DataError
+    from .locks import FolderInUse
     from .models import ModelLoadError
     from .trainers.checkpoint import CheckpointError
 
-    return ConfigError, DataError, ModelLoadError, CheckpointError
+    return ConfigError, DataError, ModelLoadError, CheckpointError, FolderInUse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,27 @@ class ConfigError(ValueError):
     """A configuration mistake; the message names the key and what is allowed."""
 
 
+def ranged(default, *, ge=None, gt=None, le=None, lt=None, note: str = ""):
+    """A dataclass field whose number must lie in a range (checked by :func:`build` where the schema is read, with
+    the key and the range in the error); ``None`` stays allowed where the type allows it. ``note`` says what an
+    edge value means (e.g. ``0: off``)."""
+    return field(default=default, metadata={"range": {"ge": ge, "gt": gt, "le": le, "lt": lt}, "note": note})
+
+
+def _check_range(value, spec: dict, note: str, key: str) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bounds = [(">=", spec["ge"], lambda v, b: v >= b), (">", spec["gt"], lambda v, b: v > b),
+              ("<=", spec["le"], lambda v, b: v <= b), ("<", spec["lt"], lambda v, b: v < b)]
+    for v in values:
+        for sign, bound, ok in bounds:
+            if bound is not None and not ok(v, bound):
+                allowed = " and ".join(f"{s} {b}" for s, b, _ in bounds if b is not None)
+                raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}" + (f" ({note})" if note
+                                                                                              else ""))
+
+
 @dataclass
 class ModelConfig:
     """Where the teacher comes from, or (for ``train-teacher``) how to build one.
@@ -56,12 +77,12 @@ class DataConfig:
 
     dataset: Literal["digits", "folder", "prompts", "pairs", "none"] = "digits"
     path: str | None = None
-    resolution: int = 16
-    channels: int = 1
+    resolution: int = ranged(16, ge=1)
+    channels: int = ranged(1, ge=1)
     split: Literal["all", "train", "test"] = "all"
     # image-to-image (super-resolution) data: each item also carries ``source_image``, the image reduced to this
     # resolution (area) and brought back to ``resolution`` (nearest), for teachers that take it concatenated
-    source_resolution: int | None = None
+    source_resolution: int | None = ranged(None, ge=1)
 
 
 @dataclass
@@ -75,35 +96,35 @@ class OptimConfig:
     ``train.max_steps`` moves the decay to its new end."""
 
     optimizer: Literal["adamw", "radam"] = "adamw"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+    lr: float = ranged(1e-4, gt=0)
+    betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = ranged(0.0, ge=0)
+    eps: float = ranged(1e-8, gt=0)
     lr_schedule: Literal["constant", "constant_with_warmup", "linear", "cosine",
                          "warmup_stable_decay"] = "constant_with_warmup"
-    warmup_steps: int = 0
-    decay_steps: float = 0
-    max_grad_norm: float | None = 1.0
-    every: int = 1
+    warmup_steps: int = ranged(0, ge=0)
+    decay_steps: float = ranged(0, ge=0)
+    max_grad_norm: float | None = ranged(1.0, gt=0, note="null: no clipping")
+    every: int = ranged(1, ge=1, note="1: every step")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 64
-    grad_accum: int = 1
+    max_steps: int = ranged(1000, ge=1)
+    batch_size: int = ranged(64, ge=1)
+    grad_accum: int = ranged(1, ge=1, note="1: no accumulation")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
-    threads: int | None = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    sample_every: int = 0
-    num_samples: int = 64
-    ema_decay: float = 0.0
+    threads: int | None = ranged(None, ge=1, note="null: torch's default")
+    checkpoint_every: int = ranged(500, ge=0, note="0: only at the end and on a signal")
+    keep_checkpoints: int = ranged(2, ge=0, note="0: keep all")
+    log_every: int = ranged(10, ge=1)
+    sample_every: int = ranged(0, ge=0, note="0: no sample grids")
+    num_samples: int = ranged(64, ge=1)
+    ema_decay: float = ranged(0.0, ge=0, lt=1, note="0: no EMA")
     ema_warmup: bool = False
-    ema_update_after: int = 0
+    ema_update_after: int = ranged(0, ge=0)
     trackers: list[str] = field(default_factory=list)
     progress: bool = True
 
@@ -219,6 +240,10 @@ def build(cls, data: dict | None, prefix: str = ""):
                               f"{', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if "range" in f.metadata:
+            _check_range(getattr(obj, f.name), f.metadata["range"], f.metadata["note"],
+                         f"{prefix}.{f.name}" if prefix else f.name)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()

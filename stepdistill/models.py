@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+from .backbones import unwrap
 from .config import ModelConfig
 from .denoiser import Denoiser
+from .prompts import PromptEncoder, TEXT_COMPONENTS, prompt_family
 from .schedule import NoiseSchedule
+
 
 ASSETS = Path(__file__).parent / "assets"
 NAMED_MODELS = {"digits-teacher": ASSETS / "digits-teacher"}
@@ -33,7 +36,19 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)  # num_classes, resolution, channels, ...
 
 
+_RESOLVED: dict[tuple[str, str | None], Path] = {}
+_ENCODERS: dict[tuple, object] = {}
+
+
 def _local_folder(source: str, revision: str | None) -> Path:
+    """The local folder of a model source, resolved once per process (a Hub id: its snapshot in the cache)."""
+    key = (source, revision)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve_folder(source, revision)
+    return _RESOLVED[key]
+
+
+def _resolve_folder(source: str, revision: str | None) -> Path:
     if source in NAMED_MODELS:
         folder = NAMED_MODELS[source]
         if not folder.is_dir():
@@ -148,8 +163,6 @@ def prompt_encoder_for(cfg: ModelConfig, resolution: int | None = None):
     ``resolution`` is the (latent) training resolution; SDXL's ``time_ids`` get the pixel size, ``resolution``
     times the VAE's scale factor. The text encoders run in ``cfg.dtype``, like the teacher.
     """
-    from .prompts import TEXT_COMPONENTS, PromptEncoder, prompt_family
-
     folder = teacher_folder(cfg)
     index = _index(folder)
     if not any(isinstance(index.get(n), list) and index[n][0] is not None
@@ -162,11 +175,19 @@ def prompt_encoder_for(cfg: ModelConfig, resolution: int | None = None):
     options = {}
     if family == "sdxl" and resolution and (folder / "vae" / "config.json").is_file():
         options["size"] = int(resolution) * vae_scale_factor(folder)
-    try:
-        return PromptEncoder.from_pretrained(folder, family, torch_dtype=DTYPES[cfg.dtype], variant=cfg.variant,
-                                             **options)
-    except ValueError as exc:
-        raise ModelLoadError(f"cannot encode prompts with the text encoders of {folder}: {exc}") from exc
+    # one encoder per folder, settings and text files: the data and the objective share it, so a run loads the
+    # teacher's text encoders at most once
+    text_files = [p for name in index if name.startswith(("text_encoder", "tokenizer"))
+                  for p in (folder / name).rglob("*") if p.is_file()]
+    files = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in text_files)
+    key = (str(folder), family, cfg.dtype, cfg.variant, tuple(sorted(options.items())), tuple(files))
+    if key not in _ENCODERS:
+        try:
+            _ENCODERS[key] = PromptEncoder.from_pretrained(folder, family, torch_dtype=DTYPES[cfg.dtype],
+                                                           variant=cfg.variant, **options)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot encode prompts with the text encoders of {folder}: {exc}") from exc
+    return _ENCODERS[key]
 
 
 def text_null_cond(cfg: ModelConfig, cache_dir=None, resolution: int | None = None):
@@ -225,8 +246,6 @@ def _make_denoiser(backbone, scheduler, cfg: ModelConfig, meta: dict) -> Denoise
 
 def save_model(denoiser: Denoiser, scheduler, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write ``unet/`` (or ``transformer/``), ``scheduler/`` and ``stepdistill.json`` (safetensors only)."""
-    from .backbones import unwrap
-
     out_dir = Path(out_dir)
     backbone = unwrap(denoiser.backbone)
     sub = "unet" if "UNet" in type(backbone).__name__ else "transformer"
@@ -239,8 +258,6 @@ def save_model(denoiser: Denoiser, scheduler, out_dir: str | Path, meta: dict | 
 
 def check_resolution(backbone, resolution: int) -> None:
     """Raise a clear error when the backbone cannot take images of ``resolution``."""
-    from .backbones import unwrap
-
     model = unwrap(backbone)
     config = model.config
     name = type(model).__name__

@@ -35,7 +35,8 @@ Shard ``k`` holds samples ``k * shard_size`` up to ``shard_size`` of them. Each 
 name and renamed, and is then added to the manifest (also replaced atomically): a shard is whole or absent.
 Re-running the same command resumes: completed shards are kept, the rest are made. A run with other settings
 in the same folder is refused (:class:`~stepdistill.data.DataError`); a run with another ``n`` but the same
-settings keeps the shards it can (so a set can be extended). One writer per folder at a time.
+settings keeps the shards it can (so a set can be extended). One writer per folder: a second make-pairs into a
+folder in use fails at once (:class:`~stepdistill.locks.FolderInUse`).
 """
 from __future__ import annotations
 
@@ -45,11 +46,18 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
+from .backbones import in_channels, sample_size, unwrap
 from .cache import file_sha256, module_fingerprint
 from .conditioning import Cond
-from .data import DataError, sample_seed
+from .config import ModelConfig
+from .data import DataError, PromptRecord, read_prompts, sample_seed
 from .data.pairs import (FORMAT, LABEL_MODES, MANIFEST, PROMPT_EMBEDDINGS, SETTINGS_KEYS, SHARD_PATTERN, TMP_PATTERN,
                          VERSION, read_manifest, settings_key, sha256_json, shard_name)
+from .locks import hold_folder
+from .models import LoadedModel, load_model
+from .prompts import PromptEncoder
+from .solvers import SOLVERS, sample, scheduler_timesteps
 
 
 PAIRS_STREAM = 2**31  # pair i of seed s is seeded 2**31 + s * 0x9E3779B1 + i: never eval's noise (seed 0: i)
@@ -88,8 +96,6 @@ def teacher_scheduler(scheduler):
 
 def pair_timesteps(scheduler, nfe: int) -> list[float]:
     """The timesteps of ``nfe`` steps of :func:`teacher_scheduler` (``scheduler`` is the teacher's own)."""
-    from .solvers import scheduler_timesteps
-
     sched = teacher_scheduler(scheduler)
     if sched.config.get("use_dynamic_shifting"):
         raise DataError("the teacher's flow scheduler uses dynamic shifting (its timesteps depend on the image "
@@ -99,8 +105,6 @@ def pair_timesteps(scheduler, nfe: int) -> list[float]:
 
 def count_evaluations(schedule, timesteps, solver: str) -> int:
     """How many times :func:`stepdistill.solvers.sample` calls the model along ``timesteps`` (no network run)."""
-    from .solvers import sample
-
     calls = [0]
 
     def fake(x, t):
@@ -116,9 +120,6 @@ def count_evaluations(schedule, timesteps, solver: str) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 def _load_teacher(model):
-    from .config import ModelConfig
-    from .models import LoadedModel, load_model
-
     if isinstance(model, LoadedModel):
         return model, (str(model.folder) if model.folder is not None else None)
     if isinstance(model, (str, Path)):
@@ -129,8 +130,6 @@ def _load_teacher(model):
 
 
 def _prompt_list(prompts) -> list[str]:
-    from .data import PromptRecord, read_prompts
-
     if isinstance(prompts, (str, Path)):
         return [r.prompt for r in read_prompts(prompts)]
     out = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
@@ -140,7 +139,6 @@ def _prompt_list(prompts) -> list[str]:
     if bad:
         raise DataError(f"prompts must be strings; prompt {bad[0]} is {type(out[bad[0]]).__name__}")
     return out
-
 
 
 def _write_json(path: Path, obj) -> None:
@@ -165,8 +163,6 @@ def _shard_metadata(path: Path) -> dict | None:
 
 def _generate(denoiser, schedule, timesteps, solver, guidance_scale, noise, cond, device, dtype) -> torch.Tensor:
     """The teacher's ODE solution from ``noise`` (one batch), float32 on the CPU."""
-    from .solvers import sample
-
     cond = cond.to(device)
 
     def x0(x, t):
@@ -200,9 +196,6 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     default :meth:`PromptEncoder.from_pretrained` of the teacher's pipeline folder). ``batch_size`` changes speed
     and memory, and the images only by float32 rounding. ``device``: default CUDA when available, else CPU.
     """
-    from .backbones import in_channels, sample_size, unwrap
-
-    from .solvers import SOLVERS
 
     if solver not in SOLVERS:
         raise DataError(f"unknown solver {solver!r}; expected one of {', '.join(sorted(SOLVERS))}")
@@ -216,7 +209,13 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; give a folder")
+    with hold_folder(out_dir, "stepdistill make-pairs"):
+        return _write_pairs(model, out_dir, n, solver, nfe, guidance_scale, batch_size, shard_size, seed, labels,
+                            prompts, prompt_encoder, device, progress)
 
+
+def _write_pairs(model, out_dir: Path, n, solver, nfe, guidance_scale, batch_size, shard_size, seed, labels, prompts,
+                 prompt_encoder, device, progress) -> Path:
     loaded, source = _load_teacher(model)
     denoiser = loaded.denoiser.eval()  # no_grad below; requires_grad is left as the caller set it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -235,8 +234,6 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
     if prompts is not None:
         prompt_list = _prompt_list(prompts)
         if prompt_encoder is None:
-            from .prompts import PromptEncoder
-
             folder = loaded.folder
             if folder is None or not (Path(folder) / "model_index.json").is_file():
                 raise DataError("prompts need a text encoder: give a teacher pipeline folder (model_index.json) "
@@ -302,8 +299,6 @@ def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, g
             path.unlink()
 
     import diffusers
-
-    from . import __version__
 
     manifest = {
         "format": FORMAT, "version": VERSION,
@@ -409,8 +404,6 @@ def add_cli(sub) -> None:
 
 def run_cli(args) -> int:
     import time
-
-    from .config import ModelConfig
 
     if args.threads is not None:
         if args.threads < 1:

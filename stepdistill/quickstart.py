@@ -68,13 +68,13 @@ def stage_configs(out: Path) -> dict[str, dict]:
 def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute_teacher: bool = False,
                    progress: bool = True) -> dict:
     """Run every stage into ``out``; returns (and writes to ``out/quickstart.json``) the timings and the figures."""
-    from .trainers import resolve
+    # imported here, not at the top: `stepdistill --help` builds this command's parser without loading them
     from .metrics.commands import _summary
     from .metrics.nfe import BenchSettings, run_benchmark
     from .metrics.samplers import load_eval_model
     from .pairs import make_pairs
     from .runs import export_run
-    from .trainers import build_trainer
+    from .trainers import build_trainer, resolve
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

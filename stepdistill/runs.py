@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .models import teacher_folder
 from .pipelines.export import LORA_FORMATS, META_FILE, VARIANT_DTYPES, export_pipeline
 from .pipelines.recipes import ExportError
 from .trainers import build_trainer, load_config
@@ -37,6 +38,7 @@ def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lo
                               "end) or pass --checkpoint PATH")
     run = load_config(config_path, list(overrides))
     run.output_dir = str(run_dir)
+    _check_out(Path(out_dir), run_dir, teacher_folder(run.model))
     run.train.progress = False
     trainer = build_trainer(run)
     try:
@@ -58,16 +60,43 @@ def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lo
                           f"(Objective.export_spec): {exc}") from exc
     spec = copy.copy(spec)
     if hasattr(spec, "base_model") and spec.base_model is None and run.model.source:
-        spec.base_model = str(run.model.source)  # the teacher the student was distilled from
+        spec.base_model = model_name(run.model.source)  # the teacher the student was distilled from
     spec.training_steps = trainer.step
     spec.config = run
-    spec.meta = {**spec.meta, "checkpoint": str(ckpt_path), "ema": use_ema}
+    spec.meta = {**spec.meta, "checkpoint": run_relative(ckpt_path, run_dir), "ema": use_ema}
     spec.metrics = {**_run_metrics(run_dir, trainer.step), **(spec.metrics or {}), **_file_metrics(metrics_file)}
     context = trainer.ema_weights() if use_ema else nullcontext()
     with context, torch.no_grad():
         spec.student.eval()
         return export_pipeline(spec, out_dir=out_dir, lora_format=lora_format, variants=variants,
                                overwrite=overwrite)
+
+
+def _check_out(out_dir: Path, run_dir: Path, teacher: Path | None) -> None:
+    """An export never replaces (nor, with --overwrite, deletes) the run it comes from or its teacher."""
+    out = out_dir.expanduser().resolve()
+    for what, folder in (("the run folder", run_dir), ("the run's teacher (model.source)", teacher)):
+        if folder is None:
+            continue
+        folder = Path(folder).resolve()
+        if out == folder or out in folder.parents:
+            raise ExportError(f"--out {out_dir} is {what} {folder} or holds it: an export there would replace it; "
+                              "export to a folder of its own")
+
+
+def model_name(source: str) -> str:
+    """How a model card names a teacher: a Hub id or a shipped name as given, a local folder by its name only (no
+    path of the machine that exported it)."""
+    path = Path(source).expanduser()
+    return path.name if path.is_absolute() or source.startswith((".", "~")) or path.exists() else source
+
+
+def run_relative(path: Path, run_dir: Path) -> str:
+    """``path`` relative to the run folder (``checkpoints/step_0000400``); a path outside it by its name."""
+    try:
+        return Path(path).resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 def _file_metrics(path, limit: int = 40) -> dict:

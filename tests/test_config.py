@@ -69,3 +69,20 @@ def test_a_bare_yaml_no_is_the_string_no(tmp_path):
     path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("train.batch_size=0", ">= 1"), ("train.max_steps=0", ">= 1"), ("train.max_steps=-5", ">= 1"),
+    ("train.grad_accum=0", ">= 1"), ("train.log_every=0", ">= 1"), ("train.checkpoint_every=-1", ">= 0"),
+    ("train.ema_decay=1", "< 1"), ("train.threads=0", ">= 1"), ("optim.model.lr=-1e-4", "> 0"),
+    ("optim.model.every=0", ">= 1"), ("optim.model.betas=[0.9,1.5]", "< 1"), ("optim.model.warmup_steps=-1", ">= 0"),
+    ("optim.model.max_grad_norm=0", "> 0"), ("data.resolution=0", ">= 1")])
+def test_numbers_out_of_range_are_one_clear_line_before_anything_loads(tmp_path, capsys, override, allowed):
+    from stepdistill.cli import main
+
+    path = write(tmp_path, tiny_teacher_raw(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=f"{override.split('=')[0]}=.* out of range: it must be .*{allowed}"):
+        load_config(path, [override])
+    assert main(["train-teacher", str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of range" in err and not (tmp_path / "run").exists()

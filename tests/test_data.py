@@ -125,6 +125,15 @@ def test_image_folder_with_classes(tmp_path):
     assert ds[2]["class_label"] == 1
 
 
+def test_class_folders_named_by_numbers_are_labelled_by_value(tmp_path):
+    for name in ("10", "2", "1", "b", "a"):
+        _save(tmp_path / name / "x.png", np.zeros((8, 8), np.uint8), "L")
+    ds = ImageFolder(tmp_path, resolution=8, channels=1)
+    assert ds.classes == ["1", "2", "10", "a", "b"]  # not "1", "10", "2" as text sorts them
+    assert {ds.classes[int(label)] for label in ds.labels} == set(ds.classes)
+    assert ds.classes[int(ds[ds.paths.index(tmp_path / "10" / "x.png")]["class_label"])] == "10"
+
+
 def test_image_folder_without_classes_and_grayscale(tmp_path):
     _save(tmp_path / "a.png", _striped(16, 16), "RGB")
     _save(tmp_path / "b.png", np.full((5, 7), 255, np.uint8), "L")

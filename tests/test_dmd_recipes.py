@@ -270,6 +270,24 @@ def test_flow_euler_recipe_rolls_out_with_the_deterministic_euler_update(assets,
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_run_resolves_its_teacher_once_and_loads_its_text_encoders_once(assets, tmp_path, monkeypatch):
+    """The data (prompts) and the objective (the null prompt for CFG) share the teacher's one prompt encoder."""
+    import diffusers
+
+    import stepdistill.models as models
+
+    resolved, loads = [], []
+    resolve_folder, from_pretrained = models._resolve_folder, diffusers.DiffusionPipeline.from_pretrained
+    monkeypatch.setattr(models, "_resolve_folder", lambda *a: resolved.append(a) or resolve_folder(*a))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or from_pretrained(*a, **k))
+    models._RESOLVED.clear()
+    models._ENCODERS.clear()
+    trainer = build_trainer(tiny_run("dmd2_sd15", assets, tmp_path / "run"))
+    assert trainer.objective.null_cond is not None and len(trainer.data) == len(PROMPTS)
+    assert len(resolved) == 1 and len(loads) == 1  # one folder resolution, one load of the text encoders
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_text_teacher_without_prompts_and_bad_conditioning_timestep_are_clear_errors(assets, tmp_path):
     from stepdistill.config import ConfigError

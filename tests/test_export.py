@@ -535,6 +535,20 @@ def test_teacher_export_loads_back_as_a_teacher(roundtrips, teacher_run):
     assert "| fid | 41.5 |" in card and "protocol.features" in card and "training steps | 2" in card
 
 
+def test_a_run_export_card_names_no_path_of_the_machine_and_says_class_conditional(roundtrips, teacher_run):
+    """The checkpoint is named relative to its run and the teacher by its folder name; a class-conditional export
+    is tagged as such (the Hub has no pipeline tag for it), not as an unconditional generator."""
+    cases, *_ = roundtrips
+    run_dir, _ = teacher_run
+    folder = cases["teacher_cli"].folder
+    meta = json.loads(open(os.path.join(folder, "stepdistill.json")).read())
+    assert meta["export"]["checkpoint"] == "checkpoints/step_0000002"
+    card = open(os.path.join(folder, "README.md")).read()
+    assert str(run_dir) not in card and "/tmp" not in card and os.path.expanduser("~") + "/" not in card
+    front = card.split("---")[1]
+    assert "pipeline_tag" not in front and "- class-conditional" in front
+
+
 def test_bare_teacher_folder_as_base(tmp_path):
     """A teacher folder without model_index.json (like the shipped digits teacher) is a fine base folder."""
     from stepdistill.models import save_model
@@ -547,6 +561,33 @@ def test_bare_teacher_folder_as_base(tmp_path):
     assert index["_class_name"][1] == "ClassConditionalPipeline"
     with pytest.raises(ExportError, match="does not exist"):
         export_pipeline(student, "lcm", tmp_path / "out2", base_scheduler=base, base_folder=tmp_path / "missing")
+
+
+def test_overwrite_replaces_only_a_stepdistill_export_never_a_teacher(teacher_run, tmp_path):
+    """--overwrite onto a teacher folder (it has stepdistill.json and weights, but no export entry) or onto the
+    run's own model source refuses and names what it would have deleted; an earlier export is replaced."""
+    import shutil
+
+    from stepdistill.cli import main
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_model, save_model
+    from stepdistill.runs import export_run
+
+    run_dir, trainer = teacher_run
+    loaded = load_model(ModelConfig(source="digits-teacher"))
+    teacher = save_model(loaded.denoiser, loaded.scheduler, tmp_path / "teacher_copy", loaded.meta)
+    before = sorted(p.name for p in teacher.iterdir())
+    with pytest.raises(ExportError, match="not a folder stepdistill exported.*unet"):
+        export_run(run_dir, teacher, overwrite=True)
+    assert sorted(p.name for p in teacher.iterdir()) == before  # nothing deleted
+    export_run(run_dir, tmp_path / "export")
+    export_run(run_dir, tmp_path / "export", overwrite=True)  # an export of ours is replaced
+    assert main(["export", str(run_dir), "--out", str(tmp_path), "--overwrite"]) == 2  # holds the teacher copy
+    assert sorted(p.name for p in teacher.iterdir()) == before
+    distilled = tmp_path / "distilled"
+    shutil.copytree(run_dir, distilled)
+    with pytest.raises(ExportError, match="run's teacher"):
+        export_run(distilled, teacher, overwrite=True, overrides=[f"model.source={teacher}", "model.backbone=null"])
 
 
 # ---------------------------------------------------------------------------------------------- bad input

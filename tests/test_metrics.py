@@ -194,6 +194,28 @@ def test_inception_from_a_local_weights_file(tmp_path, real):
     assert fidelity_metrics(fa, fb, spec, ("fid",))["fid"] > 1e-3  # one 2048-d FID: ~4 s on one core
 
 
+def test_inception_weights_that_are_a_pickle_of_code_are_never_unpickled(tmp_path):
+    """torch-fidelity unpickles a weights file with weights_only=False; a file that asks to run code is refused
+    before it gets there, and one that changed after its hash was taken is refused too."""
+    marker = tmp_path / "ran.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / feats.INCEPTION_FILE
+    torch.save({"w": torch.zeros(1), "payload": Payload()}, path)
+    spec = feats.resolve_features(f"inception:{path}")
+    with pytest.raises(feats.FeatureError, match="not a plain file of tensors"):
+        feats.create_extractor(spec, ["2048"])
+    assert not marker.exists()
+    good, _ = _random_inception_weights(tmp_path / "good.pth")
+    spec = feats.resolve_features(f"inception:{good}")
+    torch.save({"other": torch.ones(1)}, good)
+    with pytest.raises(feats.FeatureError, match="changed since"):
+        feats.create_extractor(spec, ["2048"])
+
+
 def test_inception_without_weights_is_a_clear_error_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch.hub cache
     with pytest.raises(feats.FeatureError) as err:

@@ -85,7 +85,9 @@ def test_eval_one_model_same_schema(folders, cache, tmp_path, capsys):
     results = json.loads(out.read_text())
     check_schema(results, [("student", "student")], [[2]])  # the student's own saved steps
     assert (out.parent / "samples" / "student_nfe2.png").is_file()
-    assert "FID" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    floor = results["protocol"]["real_vs_real"]["fid_floor"]
+    assert "FID" in printed and f"real vs real at this N (the floor no model can beat): FID {floor:.4g}" in printed
     # a teacher folder at explicit NFE, sampled with DDIM, guidance recorded
     out2 = tmp_path / "teacher.json"
     assert main(["eval", str(folders / "teacher"), "--nfe", "1", "--guidance", "2", "--out", str(out2),
@@ -228,3 +230,34 @@ def test_eval_with_eta(folders, cache, tmp_path, capsys):
     assert "must be in [0, 1]" in capsys.readouterr().err
     assert main(["eval", str(folders / "teacher"), "--eta", "0.5", *FAST]) == 2
     assert "needs a student pipeline" in capsys.readouterr().err
+
+
+def test_code_in_an_evaluated_folder_runs_only_when_the_user_trusts_it(folders, tmp_path, capsys):
+    """A downloaded folder cannot grant itself trust: its stepdistill.json saying trust_remote_code is ignored; the
+    package's own one-line shims still load as they are."""
+    from stepdistill.config import ModelConfig
+    from stepdistill.metrics.samplers import load_eval_model
+    from stepdistill.models import ModelLoadError, load_model
+    from stepdistill.pipelines.export import export_pipeline
+
+    loaded = load_model(ModelConfig(source=str(folders / "teacher")))
+    folder = export_pipeline(loaded.denoiser, "ddim_trailing", tmp_path / "export", steps=2,
+                             base_scheduler=loaded.scheduler, num_classes=10)
+    assert load_eval_model(str(folder)).pipe is not None  # only stepdistill's shim: loads without a flag
+    marker = tmp_path / "ran.txt"
+    (folder / "pipeline.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                        "from stepdistill.pipelines import ClassConditionalPipeline\n\n\n"
+                                        "class Evil(ClassConditionalPipeline):\n    pass\n")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": ["pipeline", "Evil"]}))
+    meta = json.loads((folder / "stepdistill.json").read_text())
+    meta["export"]["trust_remote_code"] = True  # what the folder says counts for nothing
+    (folder / "stepdistill.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        load_eval_model(str(folder))
+    assert main(["eval", str(folder), "--n", "4"]) == 2
+    assert "pipeline.py" in capsys.readouterr().err and not marker.exists()
+    assert main(["bench", "--teacher", "none", "--student", str(folder), "--out-dir", str(tmp_path / "b")]) == 2
+    assert not marker.exists()
+    assert type(load_eval_model(str(folder), trust_remote_code=True).pipe).__name__ == "Evil"  # the user's word
+    assert marker.exists()

@@ -1,6 +1,7 @@
 """MSD on a text teacher: keyword partitions of the prompts, per-prompt routing in training, and the exported
 pipeline routing each prompt to its student by the same rule (tiny SD-style teacher built offline)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_export_routes_each_prompt_to_its_student(sd, tmp_path):
     info = json.loads((folder / "stepdistill.json").read_text())["export"]
     assert info["pipeline"] == "MultiStudentTextPipeline" and info["trust_remote_code"]
     assert [s["keywords"] for s in info["students"]] == KEYWORDS
-    assert f"| base model | {run.model.source} |" in (folder / "README.md").read_text()
+    assert f"| base model | {Path(run.model.source).name} |" in (folder / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     assert isinstance(pipe, MultiStudentTextPipeline) and len(pipe.unet.students) == 2
     pipe.set_progress_bar_config(disable=True)

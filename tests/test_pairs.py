@@ -237,3 +237,31 @@ def test_cli_makes_pairs_and_reports_user_errors_in_one_line(teacher, tmp_path, 
                  "--shard-size", "4", "--seed", "3", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "holds pairs made with other settings" in err and err.count("\n") == 1
+
+
+def test_one_writer_per_pairs_folder_and_a_killed_writer_leaves_no_lock(teacher, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stepdistill.cli import main
+    from stepdistill.locks import FolderInUse, hold_folder
+
+    out = tmp_path / "pairs"
+    with hold_folder(out, "a test"):
+        with pytest.raises(FolderInUse, match=f"{out} is in use"):
+            make_pairs(str(teacher), out, 4, nfe=2, shard_size=4, progress=False)
+        assert main(["make-pairs", "--teacher", str(teacher), "--out", str(out), "--n", "4", "--nfe", "2"]) == 2
+        assert "in use" in capsys.readouterr().err
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom stepdistill.locks import hold_folder\n"
+                               f"with hold_folder({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(FolderInUse, match="in use by"):
+        make_pairs(str(teacher), out, 4, nfe=2, shard_size=4, progress=False)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    make_pairs(str(teacher), out, 4, nfe=2, shard_size=4, progress=False)  # the dead writer's lock died with it
+    assert PairDataset(out).noise.shape[0] == 4

@@ -95,10 +95,16 @@ def load_image(path: Path, resolution: int, channels: int) -> torch.Tensor:
     return tensor * 2 - 1
 
 
+def class_order(name: str) -> tuple:
+    """Sort key of class folder names: whole numbers by value and first, then the other names as text."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """A folder of PNG/JPEG images, searched recursively.
 
-    If every image sits in a first-level sub-folder, the sorted sub-folder names become class labels.
+    If every image sits in a first-level sub-folder, the sub-folders are the classes: label ``i`` is
+    ``classes[i]``, in :func:`class_order` (names that are numbers by value: "2" before "10").
     Images are decoded once, resized (shorter side) and center-cropped to ``resolution``, and kept in memory.
     """
 
@@ -113,7 +119,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DataError(f"image folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         parents = {p.relative_to(root).parts[0] for p in self.paths if len(p.relative_to(root).parts) > 1}
         labelled = all(len(p.relative_to(root).parts) > 1 for p in self.paths)
-        self.classes = sorted(parents) if labelled else []
+        self.classes = sorted(parents, key=class_order) if labelled else []
         index = {c: i for i, c in enumerate(self.classes)}
         self.images = torch.stack([load_image(p, resolution, channels) for p in self.paths])
         self.labels = (torch.tensor([index[p.relative_to(root).parts[0]] for p in self.paths])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..cache import load_tensor_cache, module_fingerprint, save_tensor_cache, tensor_digest
+from ..models import load_vae, prompt_encoder_for, teacher_folder, vae_scale_factor
 from .images import DataError, TensorImages, load_image
 
 
@@ -172,8 +173,6 @@ def prompt_dataset(cfg, model_cfg, cache_dir: str | Path | None = None) -> "Prom
     (``data.resolution`` is the LATENT resolution of a latent teacher) and served as their VAE latents (the
     posterior mean), cached in ``cache_dir``; without a VAE they are pixels at ``data.resolution``.
     """
-    from ..models import load_vae, prompt_encoder_for, teacher_folder, vae_scale_factor
-
     if not cfg.path:
         raise DataError("data.dataset=prompts needs data.path, a prompt file (.txt with one prompt per line, or "
                         f".jsonl with lines like {_JSONL_EXAMPLE})")

@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="torch CPU threads (default: torch's own); on a busy shared CPU 1 thread can be much faster")
     p.add_argument("--cache-dir", default=None, help="reference-feature cache (default ~/.cache/stepdistill/fid)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python code in an evaluated pipeline folder to run (stepdistill's own exports need no "
+                        "such code but its one-line import shims); a folder never grants this itself")
 
 
 def add_parsers(sub) -> None:
@@ -127,6 +130,9 @@ def _prompts(args) -> list[str] | None:
 
 def _summary(results: dict) -> str:
     lines = []
+    floor = (results.get("protocol") or {}).get("real_vs_real") or {}
+    if floor.get("fid_floor") is not None:
+        lines.append(f"real vs real at this N (the floor no model can beat): FID {floor['fid_floor']:.4g}")
     for m in results["models"]:
         for r in m["results"]:
             sr = f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  " if "psnr" in r else ""
@@ -141,7 +147,8 @@ def run_eval(args) -> int:
 
     settings = _settings(args)
     timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
-    model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args))
+    model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args),
+                            args.trust_remote_code)
     if timesteps:
         model.use_timesteps(timesteps)
     if args.eta is not None:
@@ -166,11 +173,12 @@ def run_bench(args) -> int:
     prompts = _prompts(args)
     models = []
     if args.teacher and args.teacher.lower() != "none":
-        teacher = load_eval_model(args.teacher, "teacher", None, args.device, args.guidance, prompts)
+        teacher = load_eval_model(args.teacher, "teacher", None, args.device, args.guidance, prompts,
+                                  args.trust_remote_code)
         models.append((teacher, parse_nfe(args.teacher_nfe)))
     for spec in args.student:
         path, _, nfe = spec.partition("@")
-        student = load_eval_model(path, "student", None, args.device, None, prompts)
+        student = load_eval_model(path, "student", None, args.device, None, prompts, args.trust_remote_code)
         nfes = parse_nfe(nfe) if nfe else student.default_nfe
         if not nfes:
             raise _error(f"student {path} does not record its steps: give them as {path}@1,2,4")

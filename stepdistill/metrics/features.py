@@ -12,7 +12,9 @@ Inception, RGB images are averaged to gray for the digits CNN.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ DIGITS_CONFIG = "config.json"
 DIGITS_EXTRACTOR = "stepdistill-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # torch.hub names it by this
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 
@@ -236,9 +239,32 @@ def create_extractor(spec: FeatureSpec, layers: list[str] | None = None, device:
 
     register()
     layers = layers or sorted(set(spec.layers.values()))
+    weights = spec.weights_path
+    if spec.extractor == INCEPTION_EXTRACTOR:
+        weights = _verified_tensors(spec)
     extractor = create_feature_extractor(spec.extractor, layers, cuda=False, verbose=False,
-                                         feature_extractor_weights_path=spec.weights_path)
+                                         feature_extractor_weights_path=weights)
     return extractor.to(device)
+
+
+def _verified_tensors(spec: FeatureSpec) -> io.BytesIO:
+    """The Inception weights file as bytes that hold tensors only: torch-fidelity unpickles the file it is given with
+    ``weights_only=False`` (which runs whatever a pickle asks), so it gets these bytes, checked by PyTorch's
+    weights-only loader and against the sha256 the protocol records, not the path."""
+    data = Path(spec.weights_path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != spec.weights_sha256:
+        raise FeatureError(f"{spec.weights_path} changed since its sha256 was taken; evaluate again")
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling error names what the file asked for
+        raise FeatureError(f"{spec.weights_path} is not a plain file of tensors, so it is not loaded (a pickle can "
+                           f"run code): {str(exc).splitlines()[0]}. Use the FID Inception weights {INCEPTION_FILE} "
+                           "from torch-fidelity's release") from None
+    if spec.weights_sha256 != INCEPTION_SHA256:
+        warnings.warn(f"{spec.weights_path} is not the standard FID Inception weights file (sha256 "
+                      f"{spec.weights_sha256[:12]}..., expected {INCEPTION_SHA256[:12]}...): its FID does not compare "
+                      "with published numbers", stacklevel=3)
+    return io.BytesIO(data)
 
 
 def extract(extractor, images_uint8: torch.Tensor, channels: int) -> dict[str, torch.Tensor]:

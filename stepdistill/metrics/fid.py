@@ -23,9 +23,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..cache import tensor_digest
-from ..data import DataError, to_uint8
+from ..cache import load_tensor_cache, save_tensor_cache, tensor_digest
+from ..data import DataError, ImageFolder, digits_tensors, to_uint8
 from .features import FeatureSpec, create_extractor, extract, resolve_features
+
 
 METRICS = ("fid", "kid", "prc", "isc")
 CACHE_VERSION = 1
@@ -191,16 +192,12 @@ def reference_images(reference: str = "digits", resolution: int = 16, channels: 
     ``digits:test`` or ``folder:PATH`` (labels from class sub-folders, if any)."""
     name, _, arg = reference.partition(":")
     if name == "digits":
-        from ..data import digits_tensors
-
         split = arg or "all"
         images, labels = digits_tensors(resolution, split)
         desc = {"name": "digits" if split == "all" else f"digits:{split}",
                 "source": "sklearn.datasets.load_digits (1,797 8x8 images), bilinear to the resolution",
                 "split": split}
     elif name == "folder":
-        from ..data import ImageFolder
-
         if not arg:
             raise DataError("reference folder:PATH needs a path")
         folder = ImageFolder(arg, resolution, channels or 3)
@@ -226,8 +223,6 @@ def reference_features(desc: dict, images_uint8: torch.Tensor, extractor, spec: 
     The cache key holds the data set, resolution, extractor, its weights sha256, the layers and a digest of the
     images themselves, so any change recomputes. ``cache_dir=False`` disables the cache.
     """
-    from ..cache import load_tensor_cache, save_tensor_cache
-
     layers = sorted(set(spec.layers.values()))
     key_fields = {"version": CACHE_VERSION, "dataset": desc["name"], "resolution": desc["resolution"],
                   "extractor": spec.extractor, "weights_sha256": spec.weights_sha256,

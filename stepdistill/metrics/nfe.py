@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import __version__
+from ..data import save_grid
 from .fid import FidelityEvaluator, METRICS
 from .samplers import EvalModel, to_uint8_unit
+
 
 DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
 RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", "reused")
@@ -72,8 +75,6 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
                    grid_path: Path | None = None) -> dict:
     """Generate ``settings.n`` samples at ``nfe``, scoring them as they come; returns the full result dict."""
     from tqdm.auto import tqdm
-
-    from ..data import save_grid
 
     acc = evaluator.accumulator()
     fidelity = ReconstructionScores() if model.targets is not None else None
@@ -199,8 +200,6 @@ def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSett
 
 
 def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models, floor, seconds: float) -> dict:
-    from .. import __version__
-
     num_classes = {m.num_classes for m, _ in models}
     labels = (f"sample i has class i % {num_classes.pop()} (balanced; the same for every model)"
               if len(num_classes) == 1 and None not in num_classes else "per model, see models")

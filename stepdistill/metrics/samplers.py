@@ -25,8 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import sample_seed
-from ..models import NAMED_MODELS, ModelLoadError
+from ..backbones import unwrap
+from ..cache import module_fingerprint
+from ..config import ModelConfig
+from ..data import digits_tensors, low_resolution, sample_seed
+from ..models import ModelLoadError, NAMED_MODELS, load_model
+from ..pipelines import ClassConditionalPipeline, ImageConditionedPipeline
+from ..pipelines._shim import only_stepdistill_shims
+
 
 TEACHER_SAMPLER = "DDIM (eta 0) on DDIMScheduler.from_config(teacher scheduler config)"
 
@@ -147,8 +153,6 @@ def _resolve_folder(source: str) -> Path:
 
 
 def _fingerprint(module) -> str | None:
-    from ..cache import module_fingerprint
-
     try:
         return module_fingerprint(module)
     except Exception:  # a fingerprint is informative, never fatal
@@ -164,22 +168,22 @@ def _teacher_scheduler(scheduler):
 
 
 def load_eval_model(source: str, kind: str | None = None, name: str | None = None, device: str = "cpu",
-                    guidance: float | None = None, prompts: list[str] | None = None) -> EvalModel:
-    """Load ``source`` for evaluation (see the module docstring). ``kind`` overrides teacher/student."""
+                    guidance: float | None = None, prompts: list[str] | None = None,
+                    trust_remote_code: bool = False) -> EvalModel:
+    """Load ``source`` for evaluation (see the module docstring). ``kind`` overrides teacher/student.
+
+    Python code in a pipeline folder runs only when the caller says so (``trust_remote_code``, the CLI's
+    ``--trust-remote-code``), never because the folder says so; a folder whose only code is this package's one-line
+    import shims (what ``stepdistill export`` writes) loads without it."""
     folder = _resolve_folder(source)
     name = name or (source if source in NAMED_MODELS else folder.name if folder.name != "final"
                     else folder.parent.name)
     if (folder / "model_index.json").is_file():
-        return _load_pipeline(folder, source, kind or "student", name, device, guidance, prompts)
+        return _load_pipeline(folder, source, kind or "student", name, device, guidance, prompts, trust_remote_code)
     return _load_teacher_folder(folder, source, kind or "teacher", name, device, guidance, prompts)
 
 
 def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
-    from ..backbones import unwrap
-    from ..config import ModelConfig
-    from ..models import load_model
-    from ..pipelines import ClassConditionalPipeline
-
     loaded = load_model(ModelConfig(source=str(folder)))
     backbone = unwrap(loaded.denoiser.backbone)
     if type(backbone).__name__ != "UNet2DModel":
@@ -201,21 +205,23 @@ def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) 
                      {"weights_fingerprint": _fingerprint(backbone), "folder": str(folder.resolve())})
 
 
-def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
+def _load_pipeline(folder, source, kind, name, device, guidance, prompts, trust_remote_code=False) -> EvalModel:
     from diffusers import DiffusionPipeline
-
-    from ..pipelines import ClassConditionalPipeline, ImageConditionedPipeline
 
     index = json.loads((folder / "model_index.json").read_text())
     cls_name = index.get("_class_name")
     cls_name = cls_name[-1] if isinstance(cls_name, list) else cls_name
     meta = json.loads((folder / "stepdistill.json").read_text()) if (folder / "stepdistill.json").is_file() else {}
-    # a folder our exporter wrote says whether its shims (pipeline.py, scheduler/scheduler.py) must be trusted
-    trust = bool((meta.get("export") or {}).get("trust_remote_code", False))
+    code = sorted(str(p.relative_to(folder)) for p in [*folder.glob("*.py"), *folder.glob("*/*.py")])
+    trust = trust_remote_code or (bool(code) and only_stepdistill_shims(folder))
+    if code and not trust:
+        raise ModelLoadError(f"{folder} holds Python code ({', '.join(code)}) that loading it would run, and it is not "
+                             "only stepdistill's own import shims; read it, and if you trust it pass "
+                             "--trust-remote-code (trust_remote_code=True)")
     try:
         if cls_name in ("ClassConditionalPipeline", "ImageConditionedPipeline"):
             pipe = (ClassConditionalPipeline if cls_name == "ClassConditionalPipeline"
-                    else ImageConditionedPipeline).from_pretrained(folder)
+                    else ImageConditionedPipeline).from_pretrained(folder, trust_remote_code=trust)
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -262,8 +268,6 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts) -> Eva
 def super_resolution_pairs(resolution: int, source_resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sources, targets): every digit at ``resolution`` in [0, 1] and its training-style source (area-down to
     ``source_resolution``, nearest-up), in [-1, 1]."""
-    from ..data import digits_tensors, low_resolution
-
     if not source_resolution:
         raise ModelLoadError("this image-conditioned pipeline does not record its source_resolution (config)")
     images, _ = digits_tensors(resolution)

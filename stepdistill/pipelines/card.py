@@ -67,8 +67,10 @@ def render(info: dict, meta: dict) -> str:
     method = info.get("method") or "unknown"
     base = info.get("base_model")
     tags = ["stepdistill", "diffusers", "distillation", f"{steps}-step"] + ([method] if method != "unknown" else [])
-    front = ["---", "library_name: diffusers", f"pipeline_tag: {info['pipeline_tag']}",
-             "tags:"] + [f"- {t}" for t in tags]
+    if info["call"]["input"] == "class_labels":  # the Hub has no pipeline tag for it: a free tag, not a wrong one
+        tags += ["class-conditional", "image-generation"]
+    front = ["---", "library_name: diffusers"] + ([f"pipeline_tag: {info['pipeline_tag']}"] if info["pipeline_tag"]
+                                                  else []) + ["tags:"] + [f"- {t}" for t in tags]
     if base and "/" in str(base) and not str(base).startswith((".", "/", "~")) and str(base).count("/") == 1:
         front.append(f"base_model: {base}")
     front.append("---")
@@ -152,6 +154,13 @@ def _scheduler_summary(config: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- stepdistill.json
+def pipeline_tag(call_input: str) -> str | None:
+    """The Hub's pipeline tag for an export called with ``call_input``; None for class labels, which no Hub task
+    describes (the card tags them ``class-conditional`` instead of calling them unconditional)."""
+    return {"prompt": "text-to-image", "image": "image-to-image", "batch_size": "unconditional-image-generation"}.get(
+        call_input)
+
+
 META_FILE = "stepdistill.json"
 
 
@@ -202,8 +211,7 @@ def export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants
     return {
         "name": name,
         "pipeline": pipe_name,
-        "pipeline_tag": {"prompt": "text-to-image", "image": "image-to-image"}.get(call_input,
-                                                                                   "unconditional-image-generation"),
+        "pipeline_tag": pipeline_tag(call_input),
         "needs_stepdistill": needs,
         "trust_remote_code": needs,
         "denoiser": type(backbone).__name__,

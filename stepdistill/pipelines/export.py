@@ -36,7 +36,6 @@ import inspect
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -49,9 +48,9 @@ from .recipes import ExportError, Recipe, get_recipe
 from .sampling import student_timesteps
 from .spec import (OWN_PIPELINES, ExportSpec, export_scheduler, guidance_plan, pipeline_for, quiet_diffusers,
                    scheduler_from_schedule)
+from .weights import VARIANT_DTYPES, adapter_name, check_keys, lora_payload, plain_state_dict, write_model
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FORMATS = ("diffusers", "fused", "both")
 #: the component a pipeline's LoRA loader takes (``save_lora_weights(<prefix>_lora_layers=...)``)
 LORA_PREFIX = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
@@ -101,85 +100,6 @@ def check_fit(student: Denoiser, recipe: Recipe, pipeline: str, scheduler, times
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _adapter_name(model) -> str:
-    names = list(getattr(model, "peft_config", {}) or {})
-    if len(names) != 1:
-        raise ExportError(f"export supports one LoRA adapter per student; this one has {names or 'none named'}")
-    return names[0]
-
-
-def plain_state_dict(model: torch.nn.Module, merge: bool = False) -> dict[str, torch.Tensor]:
-    """The backbone's weights without LoRA wrappers: the base weights, or (``merge``) base + LoRA delta."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuners = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
-    out = {}
-    for key, value in model.state_dict().items():
-        if ".base_layer." in key:
-            prefix, rest = key.split(".base_layer.", 1)
-            if prefix in tuners:
-                if merge and rest == "weight":
-                    layer = tuners[prefix]
-                    with torch.no_grad():
-                        for adapter in layer.active_adapters:
-                            if adapter in getattr(layer, "lora_A", {}) or \
-                                    adapter in getattr(layer, "lora_embedding_A", {}):
-                                value = value + layer.get_delta_weight(adapter).to(value.dtype)
-                out[f"{prefix}.{rest}"] = value
-                continue
-        parts = key.split(".")
-        if any(".".join(parts[:i]) in tuners for i in range(1, len(parts))):
-            continue  # an adapter parameter (lora_A / lora_B / ...)
-        out[key] = value
-    return out
-
-
-def _check_keys(model, state: dict) -> None:
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = type(model).from_config(model.config)
-    except Exception:  # pragma: no cover - a model that cannot be built on the meta device: skip the check
-        return
-    expected = set(reference.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ExportError(f"the weights to export do not match a plain {type(model).__name__}: missing "
-                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-
-
-def _save_tensors(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except RuntimeError:  # tensors sharing storage
-        save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
-def write_model(model, state: dict, folder: Path, variants=()) -> None:
-    """A Diffusers model folder (config.json + diffusion_pytorch_model[.variant].safetensors) from a state dict."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_config(folder)
-    _save_tensors(state, folder / "diffusion_pytorch_model.safetensors")
-    for variant in variants:
-        dtype = VARIANT_DTYPES[variant]
-        _save_tensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
-                      folder / f"diffusion_pytorch_model.{variant}.safetensors")
-
-
-def _lora_payload(model, pipeline: str) -> tuple[dict, dict]:
-    from peft.utils import get_peft_model_state_dict
-
-    name = _adapter_name(model)
-    state = get_peft_model_state_dict(model, adapter_name=name)
-    config = model.peft_config[name].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    # peft key names, as ``save_lora_adapter`` writes them. (convert_state_dict_to_diffusers renames attention
-    # LoRA layers to the old ``lora.down/up`` names, and load_lora_weights then silently skips them when the file
-    # also holds peft-named layers such as resnet convs.)
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, config
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -206,13 +126,24 @@ def read_index(folder: Path | None) -> dict:
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is an export of this package: its ``stepdistill.json`` holds an ``export`` entry (a teacher
+    folder's, or a pipeline another tool wrote, does not)."""
+    try:
+        return "export" in json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def prepare_folder(out_dir: Path, overwrite: bool) -> Path:
     """A fresh temporary folder beside ``out_dir`` to write an export into (see :func:`publish_folder`)."""
     if out_dir.exists():
         if not overwrite:
             raise ExportError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-        if any(out_dir.iterdir()) and not ((out_dir / META_FILE).is_file() or (out_dir / "model_index.json").is_file()):
-            raise ExportError(f"{out_dir} is not empty and not an export; refusing to overwrite it")
+        if any(out_dir.iterdir()) and not is_export(out_dir):
+            shown = ", ".join(sorted(p.name for p in out_dir.iterdir())[:8])
+            raise ExportError(f"{out_dir} is not a folder stepdistill exported (its {META_FILE} has no export entry), "
+                              f"so --overwrite would delete what it holds ({shown}, ...); choose another --out")
     tmp = out_dir.parent / f".{out_dir.name}.exporting"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -365,7 +296,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
         if lora_format != "fused" and not loadable:
             raise ExportError(f"{pipe_name} cannot load LoRA weights (no load_lora_weights): export this LoRA "
                               "student with lora_format='fused'")
-        adapter = _adapter_name(backbone)
+        adapter = adapter_name(backbone)
         lora_config = backbone.peft_config[adapter]
     elif lora_format not in (None, *LORA_FORMATS):
         raise ExportError(f"unknown lora_format {lora_format!r}; choose from {', '.join(LORA_FORMATS)}")
@@ -384,7 +315,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     tmp = prepare_folder(out_dir, overwrite)
     try:
         main_state = plain_state_dict(backbone, merge=is_lora and lora_format == "fused")
-        _check_keys(backbone, main_state)
+        check_keys(backbone, main_state)
         _assemble(pipe_name, scheduler, components, linked, base_index, denoiser_name, backbone, main_state, tmp,
                   variants, extra_init)
         lora_info = None
@@ -394,7 +325,7 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
                          "weight_name": LORA_WEIGHT_NAME if lora_format != "fused" else None,
                          "fused_folder": "fused" if lora_format == "both" else None}
             if lora_format in ("diffusers", "both"):
-                layers, config_dict = _lora_payload(backbone, pipe_name)
+                layers, config_dict = lora_payload(backbone, pipe_name)
                 prefix = LORA_PREFIX[pipe_name]
                 with quiet_diffusers():
                     pipeline_class(pipe_name).save_lora_weights(
