@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+#: exit status of a run stopped by a non-finite loss or weights (2: a user error; 128 + N: stopped by signal N)
+DIVERGED = 3
+
 
 def _train(args, method_default: str | None) -> int:
     from .trainers import load_config
@@ -20,6 +23,8 @@ def _train(args, method_default: str | None) -> int:
                           "use `stepdistill train` for distillation configs")
     trainer = build_trainer(run)
     trainer.train(resume=None if args.no_resume else "latest")
+    if trainer.stopped_by is not None:  # unfinished: a scheduler or an `&&` chain must not take it for success
+        return 128 + int(trainer.stopped_by)
     trainer.accelerator.print(f"done: {run.output_dir} (final model in {run.output_dir}/final)")
     return 0
 
@@ -92,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         print(f"stepdistill: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # NonFiniteLoss / NonFiniteWeights: the run diverged
+        print(f"stepdistill: diverged: {exc}", file=sys.stderr)
+        return DIVERGED
     return 1
 
 

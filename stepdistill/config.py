@@ -127,6 +127,9 @@ class TrainConfig:
     ema_update_after: int = ranged(0, ge=0)
     trackers: list[str] = field(default_factory=list)
     progress: bool = True
+    # settings (dotted keys) a resume may change on purpose besides those that always may (see
+    # stepdistill.trainers.checkpoint.RESUMABLE), e.g. [train.batch_size] to continue a run at a larger batch
+    allow_changed: list[str] = field(default_factory=list)
 
 
 @dataclass

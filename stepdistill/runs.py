@@ -42,7 +42,7 @@ def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lo
     run.train.progress = False
     trainer = build_trainer(run)
     try:
-        loaded = trainer.load_checkpoint(str(checkpoint) if checkpoint is not None else "latest")
+        loaded = trainer.load_checkpoint(str(checkpoint) if checkpoint is not None else "latest", quiet=True)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (export rebuilds the model from {config_path}, so the checkpoint must come "
                               "from this run and its config)") from exc
@@ -64,6 +64,11 @@ def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lo
     spec.training_steps = trainer.step
     spec.config = run
     spec.meta = {**spec.meta, "checkpoint": run_relative(ckpt_path, run_dir), "ema": use_ema}
+    teacher = teacher_folder(run.model)
+    if "class_names" not in spec.meta and teacher is not None and (teacher / META_FILE).is_file():
+        names = json.loads((teacher / META_FILE).read_text()).get("class_names")  # what its labels mean
+        if names:
+            spec.meta["class_names"] = names
     spec.metrics = {**_run_metrics(run_dir, trainer.step), **(spec.metrics or {}), **_file_metrics(metrics_file)}
     context = trainer.ema_weights() if use_ema else nullcontext()
     with context, torch.no_grad():

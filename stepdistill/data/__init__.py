@@ -9,15 +9,16 @@ from pathlib import Path
 
 from .batches import ResumableBatches, collate, sample_seed
 from .images import (DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, IMAGE_SUFFIXES, DataError, ImageFolder, TensorImages,
-                     WithSource, digits_dataset, digits_tensors, image_grid, load_image, low_resolution, save_grid,
-                     to_uint8)
+                     WithSource, class_order, digits_dataset, digits_tensors, grid_columns, image_grid, load_image,
+                     low_resolution, save_grid, to_uint8)
 from .pairs import PairDataset
 from .prompts import PromptDataset, PromptRecord, cache_latents, latent_dataset, prompt_dataset, read_prompts
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "IMAGE_SUFFIXES", "DataError", "ImageFolder", "PairDataset",
+__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "IMAGE_SUFFIXES", "ImageFolder", "PairDataset",
            "PromptDataset", "PromptRecord", "ResumableBatches", "TensorImages", "WithSource", "build_dataset",
-           "cache_latents", "collate", "digits_dataset", "digits_tensors", "image_grid", "latent_dataset",
-           "load_image", "low_resolution", "prompt_dataset", "read_prompts", "sample_seed", "save_grid", "to_uint8"]
+           "cache_latents", "class_order", "collate", "describe", "digits_dataset", "digits_tensors", "grid_columns",
+           "image_grid", "latent_dataset", "load_image", "low_resolution", "prompt_dataset", "read_prompts",
+           "sample_seed", "save_grid", "to_uint8"]
 
 
 def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
@@ -57,3 +58,32 @@ def _build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
         return None
     raise DataError(f"data.dataset={cfg.dataset!r} is not a training data set here; use digits, folder, prompts, "
                     "pairs or none")
+
+
+def describe(data, cfg) -> str:
+    """One line saying what a run loaded: how many items of what kind, their size and resize, and the classes with
+    their labels (an image folder's sub-folders, in label order)."""
+    if data is None:
+        return "data: none (the method needs no data)"
+    base = getattr(data, "dataset", data)  # WithSource wraps the images
+    size = f"{cfg.resolution}x{cfg.resolution}x{cfg.channels}"
+    if isinstance(base, PairDataset):
+        m = base.manifest
+        what = (f"{len(data):,} teacher pairs from {base.folder} ({m.get('solver')}, {m.get('steps')} steps, guidance "
+                f"{m.get('guidance_scale')})")
+    elif isinstance(base, PromptDataset):
+        what = f"{len(data):,} prompts from {cfg.path} (encoded by the teacher's text encoders)"
+    elif isinstance(base, ImageFolder):
+        what = (f"{len(data):,} images from {cfg.path}, {size} (shorter side resized bicubic, then center-cropped)")
+    else:
+        what = f"{len(data):,} digits, {size} (bilinear from 8x8)"
+    classes = getattr(base, "classes", None)
+    if classes:
+        shown = ", ".join(f"{i}: {name}" for i, name in enumerate(classes[:20])) + (", ..." if len(classes) > 20 else "")
+        what += f"; {len(classes)} classes, label: folder = {shown}"
+    elif getattr(base, "num_classes", None):
+        what += f"; {base.num_classes} classes"
+    if cfg.source_resolution:
+        what += f"; with {cfg.source_resolution}x{cfg.source_resolution} sources"
+    return f"data: {what}"
+

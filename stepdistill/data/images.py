@@ -155,6 +155,12 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return array[..., 0] if c == 1 else array
 
 
+def grid_columns(num_classes: int | None) -> int | None:
+    """Columns of a sample grid: one per class (sample i has class i % classes, so column j shows class j) when
+    there are at most 16 classes; otherwise a square grid (None)."""
+    return num_classes if num_classes and num_classes <= 16 else None
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     from PIL import Image
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import save_grid
+from ..data import grid_columns, save_grid
 from .fid import FidelityEvaluator, METRICS
 from .samplers import EvalModel, to_uint8_unit
 
@@ -104,7 +104,7 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
     features = acc.result()
     scores = evaluator.score(features)
     if grid_path is not None and grid:
-        save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=10 if model.num_classes == 10 else None,
+        save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=grid_columns(model.num_classes),
                   scale=max(1, 64 // evaluator.resolution))
     return {"nfe": int(nfe), **scores, **(fidelity.result() if fidelity is not None else {}),
             "seconds_per_image": timed_seconds / timed_images, "n": features.n, "timed_images": timed_images}

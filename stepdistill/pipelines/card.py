@@ -101,6 +101,9 @@ def render(info: dict, meta: dict) -> str:
         ("weights", f"safetensors, {info['dtype']}" + (f"; variants: {', '.join(info['variants'])} (load with "
                                                          "variant=...)" if info["variants"] else "")),
     ]
+    if meta.get("class_names"):
+        rows.append(("classes", "class_labels=i asks for " + ", ".join(f"{i}: {name}" for i, name in
+                                                                       enumerate(meta["class_names"]))))
     if info.get("ema") is not None:
         rows.append(("EMA", "EMA weights" if info["ema"] else "raw (non-EMA) weights"))
     if info.get("checkpoint"):

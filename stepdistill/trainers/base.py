@@ -24,6 +24,9 @@ class Phase:
     modules: tuple[str, ...]
 
 
+TEACHER_FILE = "teacher.json"  # in a run folder: the teacher it distilled (model.source and its fingerprint)
+
+
 class Objective(torch.nn.Module):
     """Base class of every method. Subclasses set ``name`` and ``Config`` and implement the hooks."""
 
@@ -33,6 +36,9 @@ class Objective(torch.nn.Module):
     # frozen modules whose weights the objective itself changes (e.g. an EMA target network in after_step): the
     # loop checkpoints and restores them with the trained ones
     state_modules: ClassVar[tuple[str, ...]] = ()
+    # the distilled teacher's fingerprint (trainers.common.teacher_fingerprint): the loop records it in the run folder
+    # (teacher.json), so that a warm start from this run can be checked against the teacher it is used with
+    teacher_fingerprint: str | None = None
 
     def __init__(self, config):
         super().__init__()

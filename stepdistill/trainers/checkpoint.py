@@ -3,9 +3,14 @@
 A *tree* is any nesting of dicts, lists, tuples, tensors, numpy arrays and JSON scalars (an optimizer's
 ``state_dict``, RNG states, an EMA). ``save_tree(stem, tree)`` writes ``stem.safetensors`` and
 ``stem.json``; ``load_tree(stem)`` reads them back.
+
+A checkpoint is published whole: written to a temporary folder, its files flushed to disk with a sha256 each in
+``files.json``, then renamed; resuming checks every file against its hash. ``settings`` in ``trainer.json`` are
+the run's settings, so that a resume with other run-defining settings is refused (:func:`changed_settings`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -133,10 +138,98 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
+FILES = "files.json"
+#: settings a resumed run may change: its length and the end of its schedules, how it logs, samples and saves, and
+#: how fast it runs; any other difference from the checkpoint's settings is refused (``train.allow_changed`` lists
+#: keys to change on purpose)
+RESUMABLE = ("output_dir", "train.max_steps", "train.threads", "train.progress", "train.log_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every", "train.num_samples",
+             "train.trackers", "train.gradient_checkpointing", "train.allow_changed", "model.attention",
+             "optim.*.lr_schedule", "optim.*.decay_steps")
+
+
+def flat_settings(tree, prefix: str = "") -> dict:
+    """A config as ``{dotted key: value}`` (what ``trainer.json`` records and a resume compares)."""
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat_settings(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def changed_settings(saved: dict, current: dict, allowed=()) -> list[str]:
+    """The run-defining keys whose values differ between a checkpoint's settings and this run's, as
+    ``key: old -> new``; keys in :data:`RESUMABLE` (``*`` for any phase) and in ``allowed`` may differ."""
+    def free(key):
+        parts = key.split(".")
+        wild = ".".join(["optim", "*", *parts[2:]]) if parts[0] == "optim" and len(parts) > 2 else key
+        return key in RESUMABLE or wild in RESUMABLE or any(key == a or key.startswith(f"{a}.") for a in allowed)
+
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if not free(k) and json.dumps(saved.get(k), default=str) != json.dumps(current.get(k), default=str)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finish(tmp: Path, final: Path, keep: int) -> None:
-    """Publish a fully written checkpoint by renaming it, then keep only the newest ``keep``."""
+    """Publish a fully written checkpoint: record each file's sha256, flush the files and the folder to disk (a
+    power loss cannot leave a published checkpoint with empty files), rename it, then keep only the newest ``keep``
+    (the one just published is always kept)."""
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    (tmp / FILES).write_text(json.dumps({p.name: _sha256(p) for p in files}, indent=1))
+    for path in [*files, tmp / FILES, tmp]:
+        _fsync(path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)
     for old in step_dirs(final.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    """Check every file of a published checkpoint against the sha256 recorded when it was written (a checkpoint
+    written before hashes were recorded is taken as it is)."""
+    record = path / FILES
+    if not record.is_file():
+        return
+    try:
+        hashes = json.loads(record.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {FILES} ({exc}); delete {path} to resume from "
+                              "the previous checkpoint") from exc
+    for name, digest in hashes.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint file {path / name} is missing; delete {path} to resume from the "
+                                  "previous checkpoint")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"checkpoint file {path / name} is not what was written (its sha256 differs: "
+                                  f"damaged or changed); delete {path} to resume from the previous checkpoint")
+
+
+def check_finite(tensors, what: str) -> None:
+    """Raise :class:`NonFiniteWeights` naming the first tensor of ``tensors`` (name -> tensor) with NaN or inf."""
+    for name, tensor in tensors:
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteWeights(f"{what} {name} holds NaN or inf values")
+
+
+class NonFiniteWeights(FloatingPointError):
+    """Weights or optimizer state became NaN or inf; the checkpoint was not written."""

@@ -6,6 +6,7 @@ f-distill of DMD2, subclasses it instead).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import in_channels, unwrap
+from ..cache import module_fingerprint
 from ..conditioning import Cond
 from ..config import ConfigError, ModelConfig
 from ..denoiser import Denoiser
@@ -24,7 +26,7 @@ from ..pipelines.sampling import sampler_of, student_timesteps
 from ..pipelines.spec import ExportSpec, export_scheduler, pipeline_for
 from ..schedule import NoiseSchedule
 from ..solvers import ScheduleLevels, step_rule
-from .base import Objective
+from .base import TEACHER_FILE, Objective
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -161,10 +163,38 @@ def new_student(teacher: Denoiser, overrides: dict, key: str) -> Denoiser:
     return student.requires_grad_(True).eval()
 
 
-def init_generator(generator: Denoiser, source: str, key: str = "objective.generator_init") -> None:
+def teacher_fingerprint(teacher: Denoiser) -> str:
+    """What pairs, run folders and recorded paths name their teacher by: the sha256 of its backbone's class, config
+    and weights (``stepdistill.cache.module_fingerprint``), taken as it is loaded."""
+    return module_fingerprint(unwrap(teacher.backbone))
+
+
+def check_teacher(made_by: dict | None, fingerprint: str | None, what: str, source: str) -> None:
+    """A ConfigError when ``what`` (pairs, a warm start, a recorded path) was made by another teacher than this run's
+    (``made_by``: the ``source`` and ``fingerprint`` it records); nothing when it records none."""
+    if not made_by or not made_by.get("fingerprint") or fingerprint is None or made_by["fingerprint"] == fingerprint:
+        return
+    raise ConfigError(f"{what}: made by another teacher ({made_by.get('source')!r}, weights "
+                      f"{made_by['fingerprint'][:12]}...) than this run's model.source {source!r} (weights "
+                      f"{fingerprint[:12]}...); use the teacher it was made with, or make it again with this one")
+
+
+def run_teacher(folder: str | Path) -> dict | None:
+    """The teacher a run folder (or its ``final/``) records in ``teacher.json``, None if it records none."""
+    folder = Path(folder)
+    for candidate in (folder / TEACHER_FILE, folder.parent / TEACHER_FILE):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def init_generator(generator: Denoiser, source: str, key: str = "objective.generator_init",
+                   fingerprint: str | None = None, teacher_source: str = "") -> None:
     """Load a generator's backbone weights from a Diffusers folder or a run folder (its ``final/``); a routed
-    generator (MSD) loads them into every student."""
+    generator (MSD) loads them into every student. A run made from another teacher (``fingerprint``: this run's)
+    is refused."""
     folder = Path(source)
+    check_teacher(run_teacher(folder), fingerprint, f"{key}={source!r}", teacher_source)
     if (folder / "final").is_dir():
         folder = folder / "final"
     weights = load_model(ModelConfig(source=str(folder))).denoiser.backbone.state_dict()
@@ -293,12 +323,20 @@ class GeneratorObjective(Objective):
             raise ConfigError(f"the regression loss (method {run.method}) needs teacher (noise, image) "
                               "pairs: run `stepdistill make-pairs` and set data.dataset=pairs, data.path=DIR")
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
+        fingerprint = teacher_fingerprint(loaded.denoiser)
+        manifest = getattr(data, "manifest", None)  # teacher pairs record the teacher that made them
+        if manifest is not None:
+            made_by = {"source": (manifest.get("teacher") or {}).get("source"),
+                       "fingerprint": manifest.get("teacher_weights")}
+            check_teacher(made_by, fingerprint, f"the pairs in {run.data.path}", run.model.source)
         objective = cls(cfg, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels)
+        objective.teacher_fingerprint = fingerprint
         objective.lpips_net = lpips_net
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
             objective.base_folder = loaded.folder  # export links the VAE and text encoders from it
         if cfg.generator_init:
-            init_generator(objective.generator, cfg.generator_init)
+            init_generator(objective.generator, cfg.generator_init, fingerprint=fingerprint,
+                           teacher_source=run.model.source)
         return objective
 
     @classmethod

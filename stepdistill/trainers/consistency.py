@@ -38,7 +38,7 @@ from ..solvers import ScheduleLevels, ddim_from_x0, lcm_grid, solver_step, step_
 from ..solvers import lcm_boundary_scalings as boundary_scalings
 from .base import Objective, Phase, source_channels
 from .common import (PatchDiscriminator, ema_update, gan_discriminator_loss, gan_generator_loss, init_generator,
-                     new_student, pseudo_huber, trainable_copy)
+                     new_student, pseudo_huber, teacher_fingerprint, trainable_copy)
 from .registry import register
 
 
@@ -263,8 +263,11 @@ class ConsistencyObjective(Objective):
         num_classes = loaded.meta.get("num_classes", getattr(data, "num_classes", None))
         if not unwrap(loaded.denoiser.backbone).config.get("num_class_embeds"):
             num_classes = None  # the data's labels mean nothing to a backbone without class embeddings
+        fingerprint = teacher_fingerprint(loaded.denoiser)
         objective = cls(run.objective, loaded.denoiser, loaded.scheduler, num_classes, run.data.resolution, channels,
                         run.data.source_resolution)
+        objective.teacher_fingerprint = fingerprint
+        objective.teacher_source = run.model.source
         if run.objective.student_init:
             objective.init_student(run.objective.student_init)
         if loaded.folder is not None and (loaded.folder / "model_index.json").is_file():
@@ -274,7 +277,8 @@ class ConsistencyObjective(Objective):
     def init_student(self, source: str) -> None:
         if self.config.lora_rank:
             raise ConfigError("objective.student_init loads full weights; a LoRA student starts from the teacher")
-        init_generator(self.student, source, "objective.student_init")
+        init_generator(self.student, source, "objective.student_init", self.teacher_fingerprint,
+                       getattr(self, "teacher_source", ""))
         if self.target is not None:
             self.target.load_state_dict(self.student.state_dict())
 

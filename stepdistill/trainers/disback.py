@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..denoiser import Denoiser
 from ..models import save_model
 from .base import Phase
+from .common import check_teacher
 from .dmd import DMDConfig, DMDObjective
 from .registry import register
 
@@ -142,7 +143,8 @@ class DisBackRecordObjective(DMDObjective):
         self.path_dir.mkdir(parents=True, exist_ok=True)
         record = self.path_dir / RECORD_FILE
         if not record.is_file():
-            info = {"teacher": self.source, "record_every": self.config.record_every,
+            info = {"teacher": self.source, "teacher_fingerprint": self.teacher_fingerprint,
+                    "record_every": self.config.record_every,
                     "label_dropout": self.config.label_dropout, **{k: getattr(self.config, k) for k in _STUDENT_KEYS}}
             record.write_text(json.dumps(info, indent=1))
         backbone = unwrap(unwrap(self.fake_score).backbone)
@@ -186,6 +188,14 @@ class DisBackObjective(DMDObjective):
 
     name = "disback"
     Config = DisBackConfig
+
+    @classmethod
+    def from_config(cls, run, data=None) -> "DisBackObjective":
+        objective = super().from_config(run, data)
+        made_by = {"source": objective.recorded.get("teacher"),
+                   "fingerprint": objective.recorded.get("teacher_fingerprint")}
+        check_teacher(made_by, objective.teacher_fingerprint, f"the path in {run.objective.path}", run.model.source)
+        return objective
 
     def __init__(self, config: DisBackConfig, teacher: Denoiser, teacher_scheduler, num_classes, resolution,
                  channels):

@@ -10,15 +10,21 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, RunConfig, config_hash, decay_updates, save_config, to_dict
-from ..data import ResumableBatches, save_grid
+from ..data import ResumableBatches, describe, grid_columns, save_grid
+from ..locks import hold_folder
 from ..models import set_attention
 from . import checkpoint as ckpt
-from .base import Objective
+from .base import TEACHER_FILE, Objective
 from .callbacks import Callback, SampleGrid
+from .runtime import (allow_new_precision, diffusers_models, enable_gradient_checkpointing, flat_for_trackers,
+                      no_accelerator, no_sync, warmup_stable_decay)
 
 
 class NonFiniteLoss(FloatingPointError):
     """A loss term became NaN or inf; no checkpoint of the broken weights was written."""
+
+
+NonFiniteWeights = ckpt.NonFiniteWeights
 
 
 class DistillTrainer:
@@ -27,16 +33,17 @@ class DistillTrainer:
 
     def __init__(self, objective: Objective, data, config: RunConfig, callbacks: list[Callback] = ()):
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
         self.config, self.train_cfg = config, config.train
         if self.train_cfg.threads:
             torch.set_num_threads(self.train_cfg.threads)
         self.output_dir = Path(config.output_dir)
-        _allow_new_precision(self.train_cfg.mixed_precision)
-        self.accelerator = Accelerator(cpu=_no_accelerator(), mixed_precision=self.train_cfg.mixed_precision,
+        allow_new_precision(self.train_cfg.mixed_precision)
+        self.accelerator = Accelerator(cpu=no_accelerator(), mixed_precision=self.train_cfg.mixed_precision,
                                        log_with=self.train_cfg.trackers or None, project_dir=str(self.output_dir))
         acc = self.accelerator
-        torch.manual_seed(self.train_cfg.seed + acc.process_index)
+        set_seed(self.train_cfg.seed + acc.process_index)  # torch, numpy and Python's random, per process
         self.objective = objective.to(acc.device)
         self.data = data
         self.callbacks = list(callbacks)
@@ -51,6 +58,7 @@ class DistillTrainer:
         self._iter = None
         self.step = 0
         self._stop_signal = None
+        self.stopped_by = None  # the signal that stopped the last train() before max_steps, if one did
 
     # ------------------------------------------------------------------ set-up
     def _setup_modules(self):
@@ -91,10 +99,10 @@ class DistillTrainer:
                                                                num_warmup_steps=oc.warmup_steps,
                                                                num_training_steps=updates)
             self.optimizers[phase.name] = acc.prepare(optimizer)
-        for backbone in _backbones(obj):
+        for backbone in diffusers_models(obj):
             set_attention(backbone, self.config.model.attention)
         if self.train_cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(self.raw)
+            enable_gradient_checkpointing(self.raw)
         for name, module in self.raw.items():
             self.wrapped[name] = acc.prepare(module)
         # frozen modules are never wrapped nor given to an optimizer (a LoRA student's base may be shared
@@ -145,7 +153,7 @@ class DistillTrainer:
         logs = {}
         for micro in range(accum):
             last = micro == accum - 1
-            sync = nullcontext() if last else _no_sync([self.wrapped[n] for n in phase.modules], acc)
+            sync = nullcontext() if last else no_sync([self.wrapped[n] for n in phase.modules], acc)
             with sync, acc.autocast():
                 loss, terms = self.objective.loss(phase.name, self._next_batch(), step)
             self._check_finite(step, phase.name, loss, terms)
@@ -172,14 +180,29 @@ class DistillTrainer:
                             "Lower the learning rate or check the inputs.")
 
     def train(self, resume: str | None = "latest") -> Objective:
+        """Train to ``train.max_steps``, holding the run folder alone (another run into it fails at once), from
+        the latest checkpoint (``resume="latest"``; refused when run-defining settings changed), a checkpoint
+        folder, or the start (None). A signal stops it after a checkpoint, with ``stopped_by`` set."""
+        with ExitStack() as stack:
+            if self.accelerator.is_main_process:
+                stack.enter_context(hold_folder(self.output_dir, "another training run"))
+            return self._train(resume)
+
+    def _train(self, resume):
         acc, cfg = self.accelerator, self.train_cfg
+        self.stopped_by = None
+        if resume:
+            self._check_settings(resume)
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.output_dir / "config.yaml")
+            if self.objective.teacher_fingerprint is not None:  # what a warm start from this run must be used with
+                (self.output_dir / TEACHER_FILE).write_text(json.dumps(
+                    {"source": self.config.model.source, "fingerprint": self.objective.teacher_fingerprint}, indent=1))
+        acc.print(describe(self.data, self.config.data))
         if resume:
             self.load_checkpoint(resume)
         if cfg.trackers:
-            acc.init_trackers("stepdistill", config=_flat(to_dict(self.config)))
+            acc.init_trackers("stepdistill", config=flat_for_trackers(to_dict(self.config)))
         old_handlers = self._install_signal_handlers()
         bar = None
         if cfg.progress and acc.is_main_process:
@@ -217,8 +240,9 @@ class DistillTrainer:
                     cb.on_step_end(self, self.step)
                 if self._stop_requested():
                     self.save_checkpoint()
-                    acc.print(f"stopped by signal at step {self.step}; checkpoint saved. Run the same command "
-                              "again to resume.")
+                    self.stopped_by = self._stop_signal or signal.SIGTERM
+                    acc.print(f"stopped by signal at step {self.step} of {cfg.max_steps}; checkpoint saved. Run "
+                              "the same command again to resume.")
                     return self.objective
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -290,7 +314,7 @@ class DistillTrainer:
         g = torch.Generator(device="cpu").manual_seed(seed)
         with self.ema_weights(), torch.no_grad():
             images = self.objective.sample({"batch_size": n}, generator=g)
-        return save_grid(images, path)
+        return save_grid(images, path, nrow=grid_columns(getattr(self.objective, "num_classes", None)))
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -302,8 +326,10 @@ class DistillTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write every trainable module, the EMA, optimizers, LR schedules, each process's RNG state and the
-        data position into a temporary folder, then rename it: a checkpoint is whole or absent."""
+        data position into a temporary folder, then rename it: a checkpoint is whole or absent. Weights, EMA or
+        optimizer state with NaN or inf raise :class:`NonFiniteWeights` and are never written."""
         acc = self.accelerator
+        self._check_finite_state()
         final = self.checkpoint_root / f"step_{self.step:07d}"
         tmp = self.checkpoint_root / f".tmp-step_{self.step:07d}"
         if acc.is_main_process:
@@ -322,6 +348,7 @@ class DistillTrainer:
             if self.ema is not None:
                 ckpt.save_tree(tmp / "ema", self.ema.state_dict())
             meta = {"step": self.step, "world": acc.num_processes, "config_hash": config_hash(self.config),
+                    "settings": ckpt.flat_settings(to_dict(self.config)),
                     "data": self.batches.state_dict() if self.batches else None,
                     "modules": {n: self.trainable[n] for n in self.raw}, "ema": self.ema is not None}
             (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
@@ -331,23 +358,57 @@ class DistillTrainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, which: str = "latest") -> bool:
-        """Resume from ``latest`` or a checkpoint folder; returns False when there is nothing to resume."""
-        acc = self.accelerator
+    def _checkpoint_path(self, which: str) -> Path | None:
         if which == "latest":
             dirs = ckpt.step_dirs(self.checkpoint_root)
-            if not dirs:
-                return False
-            path = dirs[-1]
-        else:
-            path = Path(which)
-            if not path.is_dir():
-                raise ckpt.CheckpointError(f"checkpoint {path} does not exist")
+            return dirs[-1] if dirs else None
+        path = Path(which)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint {path} does not exist")
+        return path
+
+    def _read_meta(self, path: Path) -> dict:
         try:
             meta = json.loads((path / "trainer.json").read_text())
         except (OSError, ValueError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {path} has no readable trainer.json ({exc}); delete it "
                                        "to resume from the previous checkpoint") from exc
+        missing = [k for k in ("step", "world", "modules", "ema", "data") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {path}: its trainer.json lacks {', '.join(missing)} (not written "
+                                       "by this loop, or damaged); delete it to resume from the previous checkpoint")
+        return meta
+
+    def _check_settings(self, which: str) -> None:
+        """Refuse to resume with run-defining settings other than the checkpoint's (say which, and how)."""
+        path = self._checkpoint_path(which)
+        saved = self._read_meta(path).get("settings") if path is not None else None
+        if saved is None:  # nothing to resume, or a checkpoint from before settings were recorded
+            return
+        changed = ckpt.changed_settings(saved, ckpt.flat_settings(to_dict(self.config)), self.train_cfg.allow_changed)
+        if changed:
+            raise ConfigError(f"{path} was trained with other settings than this run's: {'; '.join(changed)}. "
+                              "Resume with the same values, use another output_dir (or --no-resume) for a new run, "
+                              "or list the keys in train.allow_changed to continue with the new values on purpose")
+
+    def _check_finite_state(self) -> None:
+        for name, module in self.raw.items():
+            ckpt.check_finite(((n, p) for n, p in module.named_parameters()), f"{name} weight")
+        if self.ema is not None:
+            ckpt.check_finite(enumerate(self.ema.shadow_params), "EMA weight")
+        for name, opt in self.optimizers.items():
+            ckpt.check_finite(((f"{i}.{k}", v) for i, s in enumerate(opt.optimizer.state.values())
+                               for k, v in s.items()), f"{name} optimizer state")
+
+    def load_checkpoint(self, which: str = "latest", quiet: bool = False) -> bool:
+        """Resume from ``latest`` or a checkpoint folder (each file checked against its recorded sha256); returns
+        False when there is nothing to resume."""
+        acc = self.accelerator
+        path = self._checkpoint_path(which)
+        if path is None:
+            return False
+        meta = self._read_meta(path)
+        ckpt.verify(path)
         if meta["world"] != acc.num_processes:
             raise ckpt.CheckpointError(f"checkpoint {path} was written by {meta['world']} processes; resume it "
                                        f"with the same number (this run has {acc.num_processes})")
@@ -379,7 +440,8 @@ class DistillTrainer:
             self.batches.load_state_dict(meta["data"])
         self.step = int(meta["step"])
         self.objective.set_step(self.step)
-        acc.print(f"resumed from {path} at step {self.step}")
+        if not quiet:
+            acc.print(f"resumed from {path} at step {self.step}")
         return True
 
     # ------------------------------------------------------------------ signals
@@ -408,69 +470,3 @@ class DistillTrainer:
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return bool(flag > 0)
-
-
-def warmup_stable_decay(warmup: int, decay: int, total: int):
-    """The lr factor at each update: a linear warm-up over ``warmup`` updates (as Diffusers' schedules), then 1,
-    then a linear fall to 0 over the last ``decay`` of ``total`` updates (the last update's factor is 1 / decay)."""
-
-    def factor(update: int) -> float:
-        if update < warmup:
-            return update / max(1, warmup)
-        return max(0.0, min(1.0, (total - update) / decay))
-
-    return factor
-
-
-def _no_accelerator() -> bool:
-    """True on a CPU-only machine: Accelerate then uses gloo for torchrun/`accelerate launch` processes
-    (without ``cpu=True`` it silently runs each process alone)."""
-    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
-
-    return not (torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available())
-
-
-def _backbones(module: torch.nn.Module) -> list:
-    """The Diffusers models inside ``module`` (teacher, students, targets, fake scores)."""
-    from diffusers import ModelMixin
-
-    return [m for m in module.modules() if isinstance(m, ModelMixin)]
-
-
-def _enable_gradient_checkpointing(modules: dict) -> None:
-    """Diffusers' gradient checkpointing (activations recomputed in the backward pass) in every trained backbone."""
-    backbones = [m for module in modules.values() for m in _backbones(module) if m._supports_gradient_checkpointing]
-    if not backbones:
-        raise ConfigError(f"train.gradient_checkpointing: none of the trained modules ({', '.join(modules)}) "
-                          "supports it; set it to false")
-    for backbone in backbones:
-        backbone.enable_gradient_checkpointing()
-
-
-def _allow_new_precision(mixed_precision: str) -> None:
-    """Accelerate keeps one process-wide state; let a later trainer in the same process (quickstart, tests)
-    use another precision instead of failing."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
-@contextmanager
-def _no_sync(modules, accelerator):
-    with ExitStack() as stack:
-        for m in modules:
-            stack.enter_context(accelerator.no_sync(m))
-        yield
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

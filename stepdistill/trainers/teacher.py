@@ -55,8 +55,9 @@ class DenoisingObjective(Objective):
             embeds = self.model.backbone.config.get("num_class_embeds")
             need = num_classes + (1 if config.label_dropout > 0 else 0)
             if embeds is None or embeds < need:
-                raise ValueError(f"the data has {num_classes} classes; with label dropout the backbone needs "
-                                 f"num_class_embeds >= {need} (the null class is {num_classes}), it has {embeds}")
+                raise ConfigError(f"the data has {num_classes} classes; with label dropout the backbone needs "
+                                  f"num_class_embeds >= {need} (the null class is {num_classes}), it has {embeds}: "
+                                  f"set model.backbone_config.num_class_embeds={need}")
             self.model.null_class = num_classes
 
     @classmethod
@@ -75,7 +76,14 @@ class DenoisingObjective(Objective):
         has_source = source_channels(in_channels(backbone), run.data.channels, data, run.train.sample_every) > 0
         # the data's classes are used only by a class-conditional backbone
         num_classes = getattr(data, "num_classes", None) if backbone.config.get("num_class_embeds") else None
+        if backbone.config.get("num_class_embeds") and num_classes is None and data is not None:
+            raise ConfigError(f"the backbone is class-conditional (num_class_embeds="
+                              f"{backbone.config.num_class_embeds}) but the data has no class labels: put each "
+                              "class's images in a sub-folder of data.path named after the class, or set "
+                              "model.backbone_config.num_class_embeds=null for an unconditional teacher")
         objective = cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)
+        if getattr(data, "classes", None):  # an image folder's class names: label i is classes[i]
+            objective.meta["class_names"] = list(data.classes)
         if has_source:  # its pipeline upsamples sources of this size (ImageConditionedPipeline)
             objective.meta["source_resolution"] = run.data.source_resolution
         return objective
