@@ -38,3 +38,12 @@ def teacher_folder(tmp_path):
     unet, sched = UNet2DModel(**TINY_UNET), DDPMScheduler(**TINY_SCHEDULER)
     d = Denoiser(unet, NoiseSchedule.from_scheduler(sched), "v_prediction")
     return save_model(d, sched, tmp_path / "teacher", {"num_classes": 10, "resolution": 8, "channels": 1})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny SD 1.5-, SDXL- and SD3-layout text-to-image teachers and their prompt files (tests/text_teachers.py)."""
+    from text_teachers import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("text_teachers"))
+

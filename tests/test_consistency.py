@@ -290,7 +290,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, teacher_folder):
 
 
 def test_guidance_range_adds_a_zeroed_guidance_embedding_to_a_text_unet(tmp_path):
-    from test_dmd_recipes import LATENT, PROMPTS, sd_folder
+    from text_teachers import LATENT, PROMPTS, sd_folder
 
     from stepdistill.models import prompt_encoder_for
 

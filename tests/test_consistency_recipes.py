@@ -14,17 +14,7 @@ from stepdistill.config import ConfigError
 
 from stepdistill.trainers import load_config
 from stepdistill.trainers import build_trainer
-from test_dmd_recipes import CONFIGS, LATENT, PROMPTS, assets  # noqa: F401  (the module fixture)
-
-
-def tiny(name, assets, out, *extra):
-    root, folders = assets
-    teacher = {"lcm_sd15": "sd", "lcm_lora_sdxl": "sdxl"}[name]
-    overrides = [f"model.source={folders[teacher]}", f"data.path={root / 'prompts.jsonl'}",
-                 f"data.resolution={LATENT}", f"output_dir={out}", "train.max_steps=2", "train.batch_size=2",
-                 "train.mixed_precision='no'", "train.log_every=1", "train.progress=false", "train.threads=1",
-                 "optim.student.lr=1e-3", "optim.student.warmup_steps=0", *extra]
-    return load_config(CONFIGS / f"{name}.yaml", overrides)
+from text_teachers import CONFIGS, LATENT, PROMPTS, consistency_run as tiny
 
 
 def test_lcm_sd15_trains_with_a_guidance_embedding_and_exports_for_lcm_scheduler(assets, tmp_path):

@@ -20,8 +20,7 @@ import torch
 
 from stepdistill.trainers import load_config
 from stepdistill.trainers import Callback, build_trainer
-from test_consistency_recipes import tiny
-from test_dmd_recipes import assets  # noqa: F401  (the module fixture)
+from text_teachers import consistency_run as tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: STEPDISTILL_TEST_CUDA=1 pytest tests/test_cuda.py")

@@ -11,7 +11,7 @@ from stepdistill.config import ConfigError
 from stepdistill.trainers import load_config
 from stepdistill.pipelines.routing import prompt_owner, prompt_owners
 from stepdistill.trainers import build_trainer
-from test_dmd_recipes import CONFIGS, LATENT, PROMPTS, sd_folder  # PROMPTS: a cat, zebra, a big dog, the sun
+from text_teachers import CONFIGS, LATENT, PROMPTS, sd_folder  # PROMPTS: a cat, zebra, a big dog, the sun
 
 KEYWORDS = [["cat", "big dog"], ["zebra", "sun"]]
 

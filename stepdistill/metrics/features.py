@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from ..cache import file_sha256
 from ..data import DataError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -74,14 +75,6 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)["logits"]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_digits_cnn(model: DigitsCNN, out_dir: str | Path, extra: dict | None = None) -> Path:

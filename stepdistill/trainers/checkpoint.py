@@ -10,7 +10,6 @@ the run's settings, so that a resume with other run-defining settings is refused
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..cache import file_sha256
 
 
 class CheckpointError(RuntimeError):
@@ -171,14 +172,6 @@ def changed_settings(saved: dict, current: dict, allowed=()) -> list[str]:
             if not free(k) and json.dumps(saved.get(k), default=str) != json.dumps(current.get(k), default=str)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -192,7 +185,7 @@ def finish(tmp: Path, final: Path, keep: int) -> None:
     power loss cannot leave a published checkpoint with empty files), rename it, then keep only the newest ``keep``
     (the one just published is always kept)."""
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    (tmp / FILES).write_text(json.dumps({p.name: _sha256(p) for p in files}, indent=1))
+    (tmp / FILES).write_text(json.dumps({p.name: file_sha256(p) for p in files}, indent=1))
     for path in [*files, tmp / FILES, tmp]:
         _fsync(path)
     if final.exists():
@@ -219,7 +212,7 @@ def verify(path: Path) -> None:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint file {path / name} is missing; delete {path} to resume from the "
                                   "previous checkpoint")
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise CheckpointError(f"checkpoint file {path / name} is not what was written (its sha256 differs: "
                                   f"damaged or changed); delete {path} to resume from the previous checkpoint")
 
