@@ -59,8 +59,8 @@ def export_run(run_dir, out_dir, *, checkpoint=None, ema: bool | None = None, lo
         raise ExportError(f"method {run.method!r} does not say how to export its student "
                           f"(Objective.export_spec): {exc}") from exc
     spec = copy.copy(spec)
-    if hasattr(spec, "base_model") and spec.base_model is None and run.model.source:
-        spec.base_model = model_name(run.model.source)  # the teacher the student was distilled from
+    if hasattr(spec, "base_model") and (spec.base_model or run.model.source):  # what it was distilled from
+        spec.base_model = model_name(str(spec.base_model or run.model.source))
     spec.training_steps = trainer.step
     spec.config = run
     spec.meta = {**spec.meta, "checkpoint": run_relative(ckpt_path, run_dir), "ema": use_ema}
