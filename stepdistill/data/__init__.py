@@ -8,17 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .batches import ResumableBatches, collate, sample_seed
+from .captions import (HELD_OUT_COMBINATIONS, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, CaptionRecord,
+                       attribute_words, captioned_digits, measure_attributes, parse_prompt,
+                       prompt_matches, write_prompt_file)
 from .images import (DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, IMAGE_SUFFIXES, DataError, ImageFolder, TensorImages,
                      WithSource, class_order, digits_dataset, digits_tensors, grid_columns, image_grid, load_image,
                      low_resolution, save_grid, to_uint8)
 from .pairs import PairDataset
 from .prompts import PromptDataset, PromptRecord, cache_latents, latent_dataset, prompt_dataset, read_prompts
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "IMAGE_SUFFIXES", "ImageFolder", "PairDataset",
-           "PromptDataset", "PromptRecord", "ResumableBatches", "TensorImages", "WithSource", "build_dataset",
-           "cache_latents", "class_order", "collate", "describe", "digits_dataset", "digits_tensors", "grid_columns",
-           "image_grid", "latent_dataset", "load_image", "low_resolution", "prompt_dataset", "read_prompts",
-           "sample_seed", "save_grid", "to_uint8"]
+__all__ = ["CaptionRecord", "DIGITS_SPLIT_SEED", "DIGITS_TEST_FRACTION", "DataError", "HELD_OUT_COMBINATIONS",
+           "HELD_OUT_TEMPLATES", "IMAGE_SUFFIXES", "ImageFolder", "PairDataset", "PromptDataset", "PromptRecord",
+           "ResumableBatches", "TRAIN_TEMPLATES", "TensorImages", "WithSource", "attribute_words", "build_dataset",
+           "cache_latents", "captioned_digits", "class_order", "collate", "describe", "digits_dataset",
+           "digits_tensors", "grid_columns", "image_grid", "latent_dataset", "load_image", "low_resolution",
+           "measure_attributes", "parse_prompt", "prompt_matches", "prompt_dataset", "read_prompts", "sample_seed",
+           "save_grid", "to_uint8", "write_prompt_file"]
 
 
 def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
