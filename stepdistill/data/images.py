@@ -100,7 +100,7 @@ def class_order(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(TensorImages):
     """A folder of PNG/JPEG images, searched recursively.
 
     If every image sits in a first-level sub-folder, the sub-folders are the classes: label ``i`` is
@@ -121,19 +121,9 @@ class ImageFolder(torch.utils.data.Dataset):
         labelled = all(len(p.relative_to(root).parts) > 1 for p in self.paths)
         self.classes = sorted(parents, key=class_order) if labelled else []
         index = {c: i for i, c in enumerate(self.classes)}
-        self.images = torch.stack([load_image(p, resolution, channels) for p in self.paths])
-        self.labels = (torch.tensor([index[p.relative_to(root).parts[0]] for p in self.paths])
-                       if self.classes else None)
-        self.num_classes = len(self.classes) or None
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        item = {"image": self.images[i]}
-        if self.labels is not None:
-            item["class_label"] = self.labels[i]
-        return item
+        labels = (torch.tensor([index[p.relative_to(root).parts[0]] for p in self.paths]) if self.classes else None)
+        super().__init__(torch.stack([load_image(p, resolution, channels) for p in self.paths]), labels,
+                         len(self.classes) or None)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
