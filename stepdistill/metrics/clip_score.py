@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from .features import FeatureError, file_sha256
 
 LOCAL_DIR = "local-dir:"
+#: the shipped open_clip folder trained on the captioned digits (``scripts/train_digits_clip.py``), for evaluation;
+#: ``load_clip("digits-clip")`` loads it
+DIGITS_CLIP = Path(__file__).resolve().parents[1] / "assets" / "digits-clip"
+DIGITS_CLIP_NAME = "digits-clip"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
                 "model.pth")
@@ -55,22 +59,28 @@ def _local_dir_weights(folder: Path) -> Path | None:
 def load_clip(model: str, weights: str | None = None, device: str = "cpu", allow_random: bool = False) -> ClipModel:
     """An open_clip model for CLIP score.
 
-    ``model``: ``local-dir:DIR`` (``open_clip_config.json`` + ``open_clip_model.safetensors``; ``weights`` is
-    ignored), an open_clip architecture name (``ViT-B-32``) or the path of an architecture config JSON.
+    ``model``: ``digits-clip`` (the shipped folder :data:`DIGITS_CLIP`, trained on the captioned digits, for
+    evaluation only), ``local-dir:DIR`` (``open_clip_config.json`` + ``open_clip_model.safetensors``; for both,
+    ``weights`` is ignored), an open_clip architecture name (``ViT-B-32``) or the path of an architecture config
+    JSON.
     ``weights``: a local ``.safetensors``/``.pt``/``.bin`` file, or a pretrained tag already in the local Hugging
     Face cache. Without weights the model is random, which only ``allow_random=True`` (tests) accepts.
     """
     import open_clip
 
     weights_path = None
-    if model.startswith(LOCAL_DIR):
-        folder = Path(model[len(LOCAL_DIR):]).expanduser()
+    shipped = model == DIGITS_CLIP_NAME
+    if shipped or model.startswith(LOCAL_DIR):
+        folder = DIGITS_CLIP if shipped else Path(model[len(LOCAL_DIR):]).expanduser()
+        what = f"the shipped {DIGITS_CLIP_NAME} folder {folder}" if shipped else str(folder)
+        fix = " (rebuild it with scripts/train_digits_clip.py)" if shipped else ""
         if not (folder / "open_clip_config.json").is_file():
-            raise FeatureError(f"{folder} is not an open_clip folder: it needs open_clip_config.json and "
-                               f"open_clip_model.safetensors")
+            raise FeatureError(f"{what} is not an open_clip folder: it needs open_clip_config.json and "
+                               f"open_clip_model.safetensors{fix}")
         weights_path = _local_dir_weights(folder)
         if weights_path is None and not allow_random:
-            raise FeatureError(f"{folder} has no CLIP weights ({', '.join(WEIGHT_FILES[:2])}, ...)")
+            raise FeatureError(f"{what} has no CLIP weights: it needs one of {', '.join(WEIGHT_FILES[:2])}, ... "
+                               f"beside open_clip_config.json{fix}")
         name, pretrained = f"{LOCAL_DIR}{folder}", None
     else:
         name = model
@@ -82,7 +92,7 @@ def load_clip(model: str, weights: str | None = None, device: str = "cpu", allow
             name = path.stem
         elif model not in open_clip.list_models():
             raise FeatureError(f"unknown open_clip model {model!r}: give an architecture name (e.g. ViT-B-32), a "
-                               "config .json, or local-dir:FOLDER")
+                               f"config .json, local-dir:FOLDER, or {DIGITS_CLIP_NAME!r} (the shipped digits CLIP)")
         pretrained = weights
         if weights is None and not allow_random:
             raise FeatureError("CLIP score needs trained weights: pass a local weights file (.safetensors/.pt) or a "
