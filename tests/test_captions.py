@@ -194,3 +194,17 @@ def test_every_caption_parses_back_to_its_digit_and_words():
                          ("a 7 next to an 8", "exactly one digit")]:
         with pytest.raises(DataError, match=message):
             parse_prompt(bad)
+
+
+def test_a_captions_spec_names_a_prompt_file_with_images_written_once(tmp_path):
+    from stepdistill.data.captions import parse_spec, spec_prompt_file
+
+    assert parse_spec("digits-captions:train:3") == ("train", 3) and parse_spec("digits-captions:eval") == ("eval", 1)
+    for bad in ("digits-captions:test", "digits-captions:train:0", "digits-captions:train:x", "digits-captions:"):
+        with pytest.raises(DataError, match="digits-captions:train:COPIES"):
+            parse_spec(bad)
+    path = spec_prompt_file("digits-captions:eval", tmp_path)
+    records = read_prompts(path)
+    assert len(records) == 359 and all(r.image is not None and r.image.is_file() for r in records)
+    written = path.stat().st_mtime_ns
+    assert spec_prompt_file("digits-captions:eval", tmp_path) == path and path.stat().st_mtime_ns == written

@@ -8,7 +8,7 @@ from PIL import Image
 from stepdistill.cli import main
 from tiny import TINY_SCHEDULER, TINY_UNET
 
-RESULT_KEYS = {"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n"}
+RESULT_KEYS = {"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n", "diversity", "diversity_real"}
 FAST = ["--n", "40", "--batch-size", "20", "--kid-subsets", "5", "--floor-splits", "2", "--no-progress"]
 
 

@@ -5,8 +5,11 @@ known, ``class_label`` (int64); prompt data sets add ``prompt`` and the text con
 """
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
+from . import captions
 from .batches import ResumableBatches, collate, sample_seed
 from .captions import (HELD_OUT_COMBINATIONS, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, CaptionRecord,
                        attribute_words, captioned_digits, measure_attributes, parse_prompt,
@@ -46,6 +49,9 @@ def build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
 
 def _build_dataset(cfg, model_cfg=None, cache_dir: str | Path | None = None):
     if cfg.dataset == "prompts":
+        if str(cfg.path or "").startswith(captions.SPEC):  # the captioned digits, written once into the cache
+            folder = Path(cache_dir) / "captions" if cache_dir is not None else Path(tempfile.mkdtemp())
+            cfg = dataclasses.replace(cfg, path=str(captions.spec_prompt_file(cfg.path, folder)))
         return prompt_dataset(cfg, model_cfg, cache_dir)
     if cfg.dataset == "digits":
         if cfg.channels != 1:

@@ -271,3 +271,32 @@ def write_prompt_file(path: str | Path, split: str = "train", seed: int = 0, cop
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+SPEC = "digits-captions:"
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """(split, copies) of a captioned-digits spec ``digits-captions:SPLIT[:COPIES]``: ``digits-captions:eval`` the
+    held-out phrasings of the test split, ``digits-captions:train`` the training phrasings of the train split,
+    ``digits-captions:train:8`` each train digit captioned 8 times (phrasings drawn with seed 0)."""
+    parts = spec[len(SPEC):].split(":") if str(spec).startswith(SPEC) else []
+    try:
+        split, copies = parts[0], int(parts[1]) if len(parts) > 1 else 1
+        if len(parts) > 2 or split not in ("train", "eval") or copies < 1:
+            raise ValueError
+    except (IndexError, ValueError):
+        raise DataError(f"{spec!r} is not a captioned-digits spec: use digits-captions:eval, digits-captions:train "
+                        "or digits-captions:train:COPIES (COPIES >= 1 captions per digit)") from None
+    return split, copies
+
+
+def spec_prompt_file(spec: str, folder: str | Path) -> Path:
+    """The prompt file (with images) a :func:`parse_spec` spec names, written once into ``folder`` by
+    :func:`write_prompt_file` and reused (its content is fixed by the spec)."""
+    split, copies = parse_spec(spec)
+    path = Path(folder).expanduser() / f"digits-captions-{split}-{copies}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_prompt_file(path, split, seed=0, copies=copies)
+    return path

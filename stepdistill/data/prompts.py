@@ -11,6 +11,7 @@ import torch
 
 from ..cache import load_tensor_cache, module_fingerprint, save_tensor_cache, tensor_digest
 from ..models import load_vae, prompt_encoder_for, teacher_folder, vae_scale_factor
+from .captions import SPEC as CAPTION_PROMPTS, captioned_digits, parse_spec
 from .images import DataError, TensorImages, load_image
 
 
@@ -26,20 +27,38 @@ class PromptRecord:
 _JSONL_EXAMPLE = '{"prompt": "a photo of a cat", "image": "images/cat.png"}'
 
 
-def read_prompts(path: str | Path) -> list[PromptRecord]:
-    """Read a prompt file.
+def caption_prompts(spec: str = "digits-captions:eval") -> list[PromptRecord]:
+    """The prompts of :func:`~stepdistill.data.captions.captioned_digits` (seed 0) that ``spec`` names:
+    ``digits-captions:eval`` the held-out phrasings of the digits' test split, one per digit (359 prompts),
+    ``digits-captions:train`` the training phrasings of the train split, ``digits-captions:train:COPIES`` each digit
+    captioned COPIES times. ``line`` is the prompt's 1-based index."""
+    split, copies = parse_spec(spec)
+    return [PromptRecord(r.prompt, None, i + 1) for i, r in enumerate(captioned_digits(split, 0, copies))]
+
+
+def is_prompt_set(spec) -> bool:
+    """Whether ``spec`` names a prompt set (``digits-captions:...``) rather than a file (an existing file wins)."""
+    return str(spec).startswith(CAPTION_PROMPTS) and not Path(spec).expanduser().exists()
+
+
+def read_prompts(path: str | Path, allow_empty: bool = True) -> list[PromptRecord]:
+    """Read a prompt file, or a named prompt set (:func:`caption_prompts`, e.g. ``digits-captions:eval``).
 
     - ``.jsonl``: one JSON object per line with a ``prompt`` string and an optional ``image`` path, relative to
       the ``.jsonl`` file's folder (checked to exist).
     - anything else: plain UTF-8 text, one prompt per line, surrounding spaces stripped.
 
     Blank lines are skipped in both. Raises :class:`DataError` for a missing or empty file and for a bad line
-    (naming its line number).
+    (naming its line number). A ``.jsonl`` line may ask for the empty prompt (``"prompt": ""``: unconditional
+    training data) unless ``allow_empty=False`` (evaluation: there is nothing to score a sample against), when a
+    prompt that is empty or only spaces is an error naming its line.
     """
+    if is_prompt_set(path):
+        return caption_prompts(str(path))
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"prompt file {path} does not exist; give a .txt file with one prompt per line or a "
-                        f".jsonl file with lines like {_JSONL_EXAMPLE}")
+        raise DataError(f"prompt file {path} does not exist; give a .txt file with one prompt per line, a "
+                        f".jsonl file with lines like {_JSONL_EXAMPLE}, or a named set such as digits-captions:eval")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -62,6 +81,9 @@ def read_prompts(path: str | Path) -> list[PromptRecord]:
             raise DataError(f"{where}: no \"prompt\" field; each line must be like {_JSONL_EXAMPLE}")
         if not isinstance(obj["prompt"], str):
             raise DataError(f"{where}: \"prompt\" must be a string, not {type(obj['prompt']).__name__}")
+        if not allow_empty and not obj["prompt"].strip():
+            raise DataError(f"{where}: the prompt is empty ({obj['prompt']!r}); give the text to generate from, or "
+                            "delete the line")
         image = obj.get("image")
         if image is not None:
             if not isinstance(image, str):

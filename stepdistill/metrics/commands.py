@@ -60,7 +60,17 @@ def _common(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
     p.add_argument("--floor-splits", type=int, default=10,
                    help="random halves of the reference for the real-vs-real floor (0: skip it)")
-    p.add_argument("--prompts", default=None, help="prompt file for text-to-image pipelines (one per line)")
+    p.add_argument("--prompts", default=None,
+                   help="text-to-image pipelines: a .txt (one prompt per line) or .jsonl prompt file, or "
+                        "digits-captions:eval (the default: the captioned digits' held-out prompts); sample i gets "
+                        "prompt i %% P")
+    p.add_argument("--clip", default=None, metavar="SPEC",
+                   help="CLIP score of text-to-image pipelines: digits-clip (the shipped one, the default), "
+                        "local-dir:DIR (open_clip_config.json + weights), an open_clip architecture (name or .json) "
+                        "with --clip-weights FILE, or none")
+    p.add_argument("--clip-weights", default=None, metavar="FILE", help="weights file for --clip ARCH")
+    p.add_argument("--clip-scale", type=float, default=100.0,
+                   help="CLIP score = scale * max(cos, 0) (default 100; 1 gives the cosine)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own); on a busy shared CPU 1 thread can be much faster")
@@ -117,15 +127,51 @@ def _settings(args):
                          reference=args.reference, metrics=_metrics(args.metrics), kid_subsets=args.kid_subsets,
                          kid_subset_size=args.kid_subset_size, floor_splits=args.floor_splits,
                          cache_dir=args.cache_dir, device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, clip_scale=args.clip_scale)
 
 
-def _prompts(args) -> list[str] | None:
+def _prompts(args):
+    """The --prompts (read and checked now, before any model loads), or None."""
     if not args.prompts:
         return None
-    from ..data import read_prompts
+    from .text_alignment import load_eval_prompts
 
-    return [r.prompt for r in read_prompts(args.prompts)]
+    return load_eval_prompts(args.prompts)
+
+
+def _load(args, source, kind, name, guidance, prompts):
+    """``load_eval_model``; a text-to-image pipeline without --prompts gets digits-captions:eval, said on stdout."""
+    from .samplers import load_eval_model
+    from .text_alignment import DEFAULT_PROMPTS
+
+    model = load_eval_model(source, kind, name, args.device, guidance, prompts, args.trust_remote_code,
+                            default_prompts=DEFAULT_PROMPTS)
+    if model.prompts_defaulted:
+        print(f"{model.name} is a text-to-image pipeline and no --prompts was given: evaluating it on "
+              f"{DEFAULT_PROMPTS} ({len(model.prompts)} held-out captions of the digits' test split; sample i gets "
+              "prompt i % P)", flush=True)
+    return model
+
+
+def _clip(args, models):
+    """The CLIP model for the text-to-image models (None without any, or with --clip none), loaded and checked
+    against their prompts before any sampling."""
+    from .text_alignment import DEFAULT_CLIP, check_clip_prompts, resolve_clip
+
+    text = [m for m in models if m.prompts]
+    if not text:
+        if args.clip not in (None, "none") or args.clip_weights:
+            names = ", ".join(f"{m.name} ({type(m.pipe).__name__})" for m in models)
+            raise _error(f"--clip scores text-to-image pipelines against their prompts, but {names} take(s) no "
+                         "prompts (class-conditional or image-conditioned): drop --clip/--clip-weights")
+        return None
+    if args.clip_weights and args.clip is None:
+        raise _error("--clip-weights FILE needs --clip ARCH (the open_clip architecture of those weights)")
+    clip = resolve_clip(args.clip if args.clip is not None else DEFAULT_CLIP, args.clip_weights, args.device)
+    if clip is not None:
+        for prompts in {m.prompt_set.sha256: m.prompt_set for m in text}.values():
+            check_clip_prompts(clip, prompts)
+    return clip
 
 
 def _summary(results: dict) -> str:
@@ -137,18 +183,33 @@ def _summary(results: dict) -> str:
         for r in m["results"]:
             sr = f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  " if "psnr" in r else ""
             lines.append(f"{m['name']:>20} {m['kind']:>7}  nfe {r['nfe']:>3}  FID {r['fid']:.4g}  "
-                         f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}  {sr}{r['seconds_per_image'] * 1e3:.3g} ms/img")
+                         f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}  {sr}{r['seconds_per_image'] * 1e3:.3g} ms/img"
+                         + _extra_summary(r))
     return "\n".join(lines)
+
+
+def _extra_summary(r: dict) -> str:
+    """CLIP score, prompt accuracy and diversity of a row, where present."""
+    out = ""
+    if r.get("clip_score") is not None:
+        out += f"  CLIP {r['clip_score']:.4g}"
+    if r.get("prompt_accuracy") is not None:
+        attrs = ", ".join(f"{a} {v:.2f}" for a, v in (r.get("attribute_accuracy") or {}).items())
+        out += f"  prompt acc {r['prompt_accuracy']:.3f} (digit {r['digit_accuracy']:.3f}" + \
+               (f"; {attrs})" if attrs else ")")
+    if r.get("diversity") is not None:
+        real = f" (real {r['diversity_real']:.3g})" if r.get("diversity_real") is not None else ""
+        out += f"  diversity {r['diversity']:.3g}{real}"
+    return out
 
 
 def run_eval(args) -> int:
     from .nfe import run_benchmark, slug
-    from .samplers import load_eval_model
 
     settings = _settings(args)
     timesteps = parse_timesteps(args.timesteps) if args.timesteps else None
-    model = load_eval_model(args.source, args.kind, args.name, args.device, args.guidance, _prompts(args),
-                            args.trust_remote_code)
+    model = _load(args, args.source, args.kind, args.name, args.guidance, _prompts(args))
+    clip = _clip(args, [model])
     if timesteps:
         model.use_timesteps(timesteps)
     if args.eta is not None:
@@ -159,7 +220,7 @@ def run_eval(args) -> int:
     if not nfes:
         raise _error(f"{args.source} does not record its steps: pass --nfe (e.g. --nfe 1,2,4)")
     out = Path(args.out) if args.out else Path(f"eval_{slug(model.name)}") / "results.json"
-    results = run_benchmark([(model, nfes)], settings, out, log=_log(args))
+    results = run_benchmark([(model, nfes)], settings, out, log=_log(args), clip=clip)
     print(_summary(results))
     print(f"wrote {out}")
     return 0
@@ -167,18 +228,16 @@ def run_eval(args) -> int:
 
 def run_bench(args) -> int:
     from .nfe import run_benchmark
-    from .samplers import load_eval_model
 
     settings = _settings(args)
     prompts = _prompts(args)
     models = []
     if args.teacher and args.teacher.lower() != "none":
-        teacher = load_eval_model(args.teacher, "teacher", None, args.device, args.guidance, prompts,
-                                  args.trust_remote_code)
+        teacher = _load(args, args.teacher, "teacher", None, args.guidance, prompts)
         models.append((teacher, parse_nfe(args.teacher_nfe)))
     for spec in args.student:
         path, _, nfe = spec.partition("@")
-        student = load_eval_model(path, "student", None, args.device, None, prompts, args.trust_remote_code)
+        student = _load(args, path, "student", None, None, prompts)
         nfes = parse_nfe(nfe) if nfe else student.default_nfe
         if not nfes:
             raise _error(f"student {path} does not record its steps: give them as {path}@1,2,4")
@@ -188,8 +247,10 @@ def run_bench(args) -> int:
     names = [m.name for m, _ in models]
     if len(set(names)) != len(names):
         raise _error(f"models need distinct names (folder names): {names}")
+    clip = _clip(args, [m for m, _ in models])
+    reuse = _read_results(args.reuse)
     out = Path(args.out_dir) / "results.json"
-    results = run_benchmark(models, settings, out, log=_log(args), reuse=_read_results(args.reuse))
+    results = run_benchmark(models, settings, out, log=_log(args), reuse=reuse, clip=clip)
     print(_summary(results))
     floor = results["protocol"].get("real_vs_real")
     if floor:

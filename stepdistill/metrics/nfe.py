@@ -5,9 +5,15 @@ written as ``results.json``, ``nfe_vs_fid.png`` and a sample grid per model and 
 
     {"protocol": {...},
      "models": [{"name", "kind": "teacher" | "student",
-                 "results": [{"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n"}, ...]}, ...]}
+                 "results": [{"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n",
+                              "diversity", "diversity_real",                      # every model (sample_metrics)
+                              "clip_score", "clip_score_std",                     # text-to-image, with --clip
+                              "prompt_accuracy", "digit_accuracy", "attribute_accuracy"}, ...]}, ...]}
+                                                                                  # text, prompts that parse
 
-Precision/recall, IS and the KID subset size of each point go to ``details.json`` (same shape, more keys).
+Precision/recall, IS and the KID subset size of each point go to ``details.json`` (same shape, more keys). The
+protocol has a section per extra metric (``diversity``; ``prompts``, ``prompt_accuracy``, ``clip_score``), see
+:mod:`.sample_metrics`.
 Latency: every (model, NFE) is generated in batches of ``batch_size``; the first batch is the warm-up (untimed)
 and ``seconds_per_image`` is the wall time of the pipeline calls of the remaining full batches per image (with a
 single batch, that batch is run once more, timed). Generation and feature extraction stream batch by batch.
@@ -27,11 +33,14 @@ import torch.nn.functional as F
 from .. import __version__
 from ..data import grid_columns, save_grid
 from .fid import FidelityEvaluator, METRICS
+from .sample_metrics import ROW_KEYS, SECTIONS, ExtraMetrics, ModelMetrics
 from .samplers import EvalModel, to_uint8_unit
 
 
 DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
-RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", "reused")
+RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", *ROW_KEYS, "reused")
+LOGGED = ("fid", "kid_mean", "kid_std", "psnr", "ssim", "clip_score", "prompt_accuracy", "digit_accuracy", "diversity",
+          "diversity_real", "precision", "recall", "seconds_per_image")
 GRID_COUNT = 100
 NOISE_RULE = ("sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the "
               "same for every model and NFE")
@@ -52,6 +61,7 @@ class BenchSettings:
     device: str = "cpu"
     progress: bool = True
     grid_count: int = GRID_COUNT
+    clip_scale: float = 100.0  # CLIP score = clip_scale * max(cos, 0)
 
 
 def slug(text: str) -> str:
@@ -72,11 +82,13 @@ def _output_shape(model: EvalModel, settings: BenchSettings) -> tuple[int, int]:
 
 
 def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, settings: BenchSettings,
-                   grid_path: Path | None = None) -> dict:
-    """Generate ``settings.n`` samples at ``nfe``, scoring them as they come; returns the full result dict."""
+                   grid_path: Path | None = None, extra: ModelMetrics | None = None) -> dict:
+    """Generate ``settings.n`` samples at ``nfe``, scoring them as they come; returns the full result dict
+    (with ``extra``, also its CLIP score, prompt accuracy and diversity)."""
     from tqdm.auto import tqdm
 
     acc = evaluator.accumulator()
+    point = extra.accumulator() if extra is not None else None
     fidelity = ReconstructionScores() if model.targets is not None else None
     n, bs = settings.n, settings.batch_size
     starts = list(range(0, n, bs))
@@ -91,6 +103,8 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
             timed_seconds, timed_images = timed_seconds + dt, timed_images + len(idx)
         if fidelity is not None:
             fidelity.add(images, model.targets_of(idx))
+        if point is not None:
+            point.add(images, idx)
         images = _resize(images, evaluator.resolution)
         have = sum(len(g) for g in grid)
         if have < settings.grid_count:
@@ -107,7 +121,8 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
         save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=grid_columns(model.num_classes),
                   scale=max(1, 64 // evaluator.resolution))
     return {"nfe": int(nfe), **scores, **(fidelity.result() if fidelity is not None else {}),
-            "seconds_per_image": timed_seconds / timed_images, "n": features.n, "timed_images": timed_images}
+            **(point.result() if point is not None else {}), "seconds_per_image": timed_seconds / timed_images,
+            "n": features.n, "timed_images": timed_images}
 
 
 class ReconstructionScores:
@@ -134,7 +149,7 @@ class ReconstructionScores:
 def _comparable(protocol_or_model: dict) -> dict:
     """What must match for two measurements to be the same measurement (paths, versions and times may differ)."""
     drop = {"library", "wall_seconds", "created", "folder", "weights_path", "latency", "models", "real_vs_real",
-            "stepdistill", "nfe", "source"}
+            "stepdistill", "nfe", "source", "path", "cfg_scale"}
     return {k: _comparable(v) if isinstance(v, dict) else v for k, v in protocol_or_model.items() if k not in drop}
 
 
@@ -150,13 +165,26 @@ def reusable_rows(previous: dict | None, model: EvalModel, protocol: dict) -> di
     return {r["nfe"]: {**r, "reused": True} for r in entry["results"]}
 
 
+def _reused(row: dict, previous: dict, sections: dict) -> dict:
+    """A reused row without the extra metrics whose protocol section differs from today's (or is gone)."""
+    drop = [k for name, keys in SECTIONS.items()
+            if sections.get(name) is None or _comparable(previous["protocol"].get(name) or {})
+            != _comparable(sections[name]) for k in keys]
+    return {k: v for k, v in row.items() if k not in drop}
+
+
 def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSettings,
-                  results_path: str | Path = "bench/results.json", log=print, reuse: dict | None = None) -> dict:
+                  results_path: str | Path = "bench/results.json", log=print, reuse: dict | None = None,
+                  clip=None) -> dict:
     """Evaluate each (model, NFE list); write ``results_path`` and, next to it, ``details.json``,
     ``nfe_vs_fid.png`` and ``samples/<model>_nfe<K>.png``.
 
+    Beside FID/KID every point gets its diversity, and a text-to-image model's its prompt accuracy and, with
+    ``clip`` (a loaded ``ClipModel``, scale ``settings.clip_scale``), its CLIP score (:mod:`.sample_metrics`).
+
     ``reuse``: an earlier results.json; a (model, NFE) measured there under the same protocol with the same weights
-    is taken from it (marked ``"reused": true``; no sample grid) instead of being generated again."""
+    (and prompts, and CLIP model for a text model) is taken from it (marked ``"reused": true``; no sample grid)
+    instead of being generated again; it keeps those extra metrics that were measured the same way."""
     results_path = Path(results_path)
     out_dir = results_path.parent
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -171,26 +199,27 @@ def run_benchmark(models: list[tuple[EvalModel, list[int]]], settings: BenchSett
     floor = (evaluator.floor(settings.n, settings.floor_splits, stratified=balanced)
              if "fid" in settings.metrics and settings.floor_splits > 0 else None)
     entries, details = [], []
+    extra = ExtraMetrics(settings.reference, resolution, channels, clip, settings.clip_scale, settings.n, log)
+    sections = extra.protocol([m for m, _ in models])
     same_protocol = evaluator.protocol(settings.n) | {"seed": settings.seed, "noise": NOISE_RULE}
     for model, nfes in models:
         rows = []
-        previous = reusable_rows(reuse, model, same_protocol)
+        text_clip = {"clip_score": sections["clip_score"]} if model.prompts and clip is not None else {}
+        previous = reusable_rows(reuse, model, same_protocol | text_clip)
         for nfe in nfes:
             if nfe in previous:
-                rows.append(previous[nfe])
+                rows.append(_reused(previous[nfe], reuse, sections))
                 log(f"{model.name} ({model.kind}) nfe={nfe}: fid={previous[nfe]['fid']:.4g} (reused)")
                 continue
             grid = out_dir / "samples" / f"{slug(model.name)}_nfe{nfe}.png"
-            row = evaluate_point(model, nfe, evaluator, settings, grid)
+            row = evaluate_point(model, nfe, evaluator, settings, grid, extra.for_model(model))
             rows.append(row)
             log(f"{model.name} ({model.kind}) nfe={nfe}: " + "  ".join(
-                f"{k}={row[k]:.4g}" for k in ("fid", "kid_mean", "kid_std", "psnr", "ssim", "precision", "recall",
-                                                   "seconds_per_image")
-                if k in row))
+                f"{k}={row[k]:.4g}" for k in LOGGED if row.get(k) is not None))
         entries.append({"name": model.name, "kind": model.kind,
                         "results": [{k: r[k] for k in RESULT_KEYS if k in r} for r in rows]})
         details.append({"name": model.name, "kind": model.kind, "results": rows})
-    protocol = build_protocol(evaluator, settings, models, floor, time.time() - started)
+    protocol = build_protocol(evaluator, settings, models, floor, time.time() - started) | sections
     results = {"protocol": protocol, "models": entries}
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "details.json").write_text(json.dumps({"protocol": protocol, "models": details}, indent=1) + "\n")
@@ -222,43 +251,68 @@ def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models
     }
 
 
+#: the plot's panels: (row key, title, error-bar key, a companion key drawn dashed in the same colour, its meaning)
+PANELS = (("fid", "FID", None, None, None),
+          ("kid_mean", "KID (mean ± std)", "kid_std", None, None),
+          ("clip_score", "CLIP score", None, None, None),
+          ("prompt_accuracy", "prompt accuracy", None, "digit_accuracy", "dashed: digit only"),
+          ("diversity", "diversity (within a prompt / class)", None, "diversity_real", "dashed: real digits"))
+
+
 def plot_nfe_vs_fid(results: dict, path: str | Path) -> Path:
-    """FID and KID against NFE (log x): the teacher as a line, students as marked points, the floor dashed."""
+    """FID and KID against NFE (log x): the teacher as a line, students as marked points, the floor dashed; and,
+    where the rows have them, CLIP score, prompt accuracy (digit accuracy dashed) and diversity (the real digits'
+    dashed), one panel each on the same NFE axis (a row of up to 3 panels, then a second row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows_of = {m["name"]: sorted(m["results"], key=lambda r: r["nfe"]) for m in results["models"]}
+    panels = [p for p in PANELS if any(r.get(p[0]) is not None for rows in rows_of.values() for r in rows)]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     markers = iter("s^Dv*PXh<>" * 3)
     all_nfe = set()
-    for model in results["models"]:
-        rows = sorted(model["results"], key=lambda r: r["nfe"])
-        x = [r["nfe"] for r in rows]
-        all_nfe.update(x)
-        marker = next(markers)
-        for ax, key in zip(axes, ("fid", "kid_mean")):
-            y = [r[key] for r in rows]
-            err = [r["kid_std"] for r in rows] if key == "kid_mean" else None
-            if model["kind"] == "teacher":
-                ax.errorbar(x, y, yerr=err, marker="o", lw=1.8, capsize=3, label=f"{model['name']} (teacher)")
-            else:
-                ax.errorbar(x, y, yerr=err, marker=marker, ms=9, ls="none", capsize=3,
-                            label=f"{model['name']} (student)")
+    for color, model in enumerate(results["models"]):
+        marker, teacher = next(markers), model["kind"] == "teacher"
+        label = f"{model['name']} ({model['kind']})"
+        for ax, (key, _, err_key, companion, _) in zip(axes, panels):
+            rows = [r for r in rows_of[model["name"]] if r.get(key) is not None]
+            if not rows:
+                continue
+            x = [r["nfe"] for r in rows]
+            all_nfe.update(x)
+            err = [r[err_key] for r in rows] if err_key else None
+            style = dict(marker="o", lw=1.8) if teacher else dict(marker=marker, ms=9, ls="none")
+            ax.errorbar(x, [r[key] for r in rows], yerr=err, capsize=3, color=f"C{color}", label=label, **style)
+            pairs = [(r["nfe"], r[companion]) for r in rows if companion and r.get(companion) is not None]
+            if pairs:
+                ax.plot(*zip(*pairs), color=f"C{color}", ls="--", lw=1, marker="" if teacher else marker,
+                        mfc="none", ms=7)
     protocol = results["protocol"]
     floor = protocol.get("real_vs_real")
     if floor:
         axes[0].axhline(floor["fid_floor"], color="gray", ls="--", lw=1, label="real vs real (floor at this N)")
     axes[1].axhline(floor["kid_floor"] if floor else 0.0, color="gray", ls="--", lw=1)
     extractor = protocol["feature_extractor"]["name"]
-    for ax, title in zip(axes, ("FID", "KID (mean ± std)")):
+    clip = protocol.get("clip_score") or {}
+    clip_name = Path(clip["folder"]).name if clip.get("backbone") == "local-dir" else clip.get("backbone", "CLIP")
+    ylabels = {"fid": f"FID ({extractor} features)", "kid_mean": f"KID ({extractor} features)",
+               "clip_score": f"CLIP score ({clip_name})",
+               "prompt_accuracy": "fraction of samples", "diversity": "mean pairwise distance (digits CNN fc)"}
+    ticks = sorted(all_nfe)
+    for ax, (key, title, _, _, note) in zip(axes, panels):
         ax.set_xscale("log", base=2)
-        ticks = sorted(all_nfe)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("NFE")
-        ax.set_ylabel(f"{title.split()[0]} ({extractor} features)")
-        ax.set_title(title)
+        ax.set_ylabel(ylabels[key])
+        ax.set_title(title + (f" ({note})" if note else ""), fontsize=10)
         ax.grid(alpha=0.3, which="both")
     if all(r["fid"] is not None and r["fid"] > 0 for m in results["models"] for r in m["results"]):
         axes[0].set_yscale("log")

@@ -14,6 +14,9 @@ Sample ``i`` uses class ``i % num_classes`` (balanced) and a generator seeded ``
 noise (one generator per sample, so the samples do not depend on the batch size or on the model). An image-conditioned
 pipeline (:class:`ImageConditionedPipeline`, super-resolution) gets as sample ``i``'s source the digit ``i % 1797``
 reduced to the pipeline's ``source_resolution`` (as in training), and that digit is its target for PSNR / SSIM.
+A text-to-image pipeline (its call takes ``prompt``) gets prompt ``i % P`` of its prompts
+(:class:`~stepdistill.metrics.text_alignment.EvalPrompts`; ``digits-captions:eval`` by default in ``eval``/``bench``),
+checked against its tokenizers' ``model_max_length`` when set (:meth:`EvalModel.use_prompts`).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from ..data import digits_tensors, low_resolution, sample_seed
 from ..models import ModelLoadError, NAMED_MODELS, load_model
 from ..pipelines import ClassConditionalPipeline, ImageConditionedPipeline
 from ..pipelines._shim import only_stepdistill_shims
+from .text_alignment import EvalPrompts, as_eval_prompts, check_prompt_lengths, load_eval_prompts
 
 
 TEACHER_SAMPLER = "DDIM (eta 0) on DDIMScheduler.from_config(teacher scheduler config)"
@@ -66,11 +70,42 @@ class EvalModel:
     sources: torch.Tensor | None = None  # image-conditioned: source i % len, (N, C, H, W) in [-1, 1]
     targets: torch.Tensor | None = None  # ... and the real image it should become, in [0, 1]
     eta: float | None = None  # the call's eta (a TCD student's gamma)
+    prompt_set: EvalPrompts | None = None  # where ``prompts`` came from (use_prompts sets both)
+    prompts_defaulted: bool = False  # the prompts are DEFAULT_PROMPTS because none were given
 
     def __post_init__(self):
         self._params = inspect.signature(self.pipe.__call__).parameters
-        if "prompt" in self._params and not self.prompts and self.num_classes is None:
-            raise ModelLoadError(f"{self.source} is a text-to-image pipeline: give prompts (--prompts FILE)")
+        if self.prompts is not None:
+            prompts, self.prompts = self.prompts, None
+            self.use_prompts(prompts)
+
+    @property
+    def text(self) -> bool:
+        """A text-to-image pipeline: its call takes ``prompt`` and it has no classes or source images."""
+        return "prompt" in self._params and self.num_classes is None and self.sources is None
+
+    @property
+    def call_guidance(self) -> float | None:
+        """The CFG scale the pipeline is called with: ``guidance``, else the call's own default."""
+        if self.guidance is not None or "guidance_scale" not in self._params:
+            return self.guidance
+        default = self._params["guidance_scale"].default
+        return float(default) if isinstance(default, (int, float)) else None
+
+    def use_prompts(self, prompts) -> None:
+        """Sample prompt ``i % P`` for sample ``i``. Errors (before any sampling): prompts for a pipeline that takes
+        none (class-conditional, image-conditioned, unconditional), and prompts longer than the pipeline's
+        tokenizers take (they would be cut silently)."""
+        prompts = as_eval_prompts(prompts)
+        if not self.text:
+            what = ("class-conditional" if self.num_classes is not None else "image-conditioned"
+                    if self.sources is not None else "not text-to-image")
+            raise ModelLoadError(f"{self.source} ({type(self.pipe).__name__}) is {what}: it takes no prompts, so "
+                                 f"there is nothing to score against {prompts.spec}; drop --prompts and --clip (they "
+                                 "are for text-to-image pipelines), or give a text-to-image pipeline folder (bench: "
+                                 "--teacher DIR or --teacher none)")
+        check_prompt_lengths(self.pipe, prompts, f"{self.source} ({type(self.pipe).__name__})")
+        self.prompt_set, self.prompts = prompts, list(prompts.prompts)
 
     def use_timesteps(self, timesteps: list[int]) -> None:
         """Sample the ``len(timesteps)``-step point at these timesteps (other NFE keep the pipeline's own)."""
@@ -88,6 +123,9 @@ class EvalModel:
         self.eta = float(eta)
 
     def sample(self, indices, nfe: int, seed: int) -> torch.Tensor:
+        if self.text and not self.prompts:
+            raise ModelLoadError(f"{self.source} is a text-to-image pipeline: give prompts (--prompts FILE or "
+                                 "digits-captions:eval; load_eval_model(..., prompts=...))")
         indices = list(indices)
         p = self._params
         kwargs = {"generator": sample_generators(indices, seed), "output_type": "np"}
@@ -125,7 +163,8 @@ class EvalModel:
                 "scheduler": type(getattr(self.pipe, "scheduler", None)).__name__, "sampler": self.sampler,
                 "guidance": self.guidance, "timesteps": self.timesteps,
                 "class_labels": f"i % {self.num_classes}" if self.num_classes else None,
-                **({"eta": self.eta} if self.eta is not None else {}), **self.info}
+                **({"eta": self.eta} if self.eta is not None else {}),
+                **({"prompts": self.prompt_set.identity()} if self.prompt_set is not None else {}), **self.info}
 
     def targets_of(self, indices) -> torch.Tensor | None:
         return None if self.targets is None else self.targets[[i % len(self.targets) for i in indices]]
@@ -168,9 +207,14 @@ def _teacher_scheduler(scheduler):
 
 
 def load_eval_model(source: str, kind: str | None = None, name: str | None = None, device: str = "cpu",
-                    guidance: float | None = None, prompts: list[str] | None = None,
-                    trust_remote_code: bool = False) -> EvalModel:
+                    guidance: float | None = None, prompts: list[str] | EvalPrompts | None = None,
+                    trust_remote_code: bool = False, default_prompts: str | None = None) -> EvalModel:
     """Load ``source`` for evaluation (see the module docstring). ``kind`` overrides teacher/student.
+
+    ``prompts`` (a list of strings or :class:`~stepdistill.metrics.text_alignment.EvalPrompts`) are for a
+    text-to-image pipeline only (an error for any other, as is a prompt longer than its tokenizer takes); a text
+    pipeline without them is an error unless ``default_prompts`` names the prompts to use then (e.g.
+    ``digits-captions:eval``; the model's ``prompts_defaulted`` says so).
 
     Python code in a pipeline folder runs only when the caller says so (``trust_remote_code``, the CLI's
     ``--trust-remote-code``), never because the folder says so; a folder whose only code is this package's one-line
@@ -179,11 +223,21 @@ def load_eval_model(source: str, kind: str | None = None, name: str | None = Non
     name = name or (source if source in NAMED_MODELS else folder.name if folder.name != "final"
                     else folder.parent.name)
     if (folder / "model_index.json").is_file():
-        return _load_pipeline(folder, source, kind or "student", name, device, guidance, prompts, trust_remote_code)
-    return _load_teacher_folder(folder, source, kind or "teacher", name, device, guidance, prompts)
+        model = _load_pipeline(folder, source, kind or "student", name, device, guidance, trust_remote_code)
+    else:
+        model = _load_teacher_folder(folder, source, kind or "teacher", name, device, guidance)
+    if prompts is not None:
+        model.use_prompts(prompts)
+    elif model.text and default_prompts:
+        model.use_prompts(load_eval_prompts(default_prompts))
+        model.prompts_defaulted = True
+    elif model.text:
+        raise ModelLoadError(f"{source} is a text-to-image pipeline: give prompts (--prompts FILE, or --prompts "
+                             "digits-captions:eval for the captioned digits' held-out prompts)")
+    return model
 
 
-def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) -> EvalModel:
+def _load_teacher_folder(folder, source, kind, name, device, guidance) -> EvalModel:
     loaded = load_model(ModelConfig(source=str(folder)))
     backbone = unwrap(loaded.denoiser.backbone)
     if type(backbone).__name__ != "UNet2DModel":
@@ -201,11 +255,11 @@ def _load_teacher_folder(folder, source, kind, name, device, guidance, prompts) 
     pipe.set_progress_bar_config(disable=True)
     guidance = 1.0 if guidance is None else guidance
     default = loaded.meta.get("sample_steps") or 50
-    return EvalModel(name, kind, pipe, str(source), [int(default)], guidance, num_classes, None, sampler, prompts,
+    return EvalModel(name, kind, pipe, str(source), [int(default)], guidance, num_classes, None, sampler, None,
                      {"weights_fingerprint": _fingerprint(backbone), "folder": str(folder.resolve())})
 
 
-def _load_pipeline(folder, source, kind, name, device, guidance, prompts, trust_remote_code=False) -> EvalModel:
+def _load_pipeline(folder, source, kind, name, device, guidance, trust_remote_code=False) -> EvalModel:
     from diffusers import DiffusionPipeline
 
     index = json.loads((folder / "model_index.json").read_text())
@@ -261,7 +315,7 @@ def _load_pipeline(folder, source, kind, name, device, guidance, prompts, trust_
                            f"{pipe.config.source_resolution}px (area)")
     eta = _lookup(meta, "eta") if kind == "student" else None
     return EvalModel(name, kind, pipe, str(source), default, None if guidance is None else float(guidance),
-                     num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, prompts, info,
+                     num_classes, [int(t) for t in timesteps] if timesteps else None, sampler, None, info,
                      sources, targets, None if eta is None else float(eta))
 
 
