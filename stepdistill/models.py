@@ -18,7 +18,7 @@ from .schedule import NoiseSchedule
 
 
 ASSETS = Path(__file__).parent / "assets"
-NAMED_MODELS = {"digits-teacher": ASSETS / "digits-teacher"}
+NAMED_MODELS = {"digits-teacher": ASSETS / "digits-teacher", "digits-t2i": ASSETS / "digits-t2i"}
 DENOISER_SUBFOLDERS = ("unet", "transformer")
 META_FILE = "stepdistill.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,9 +111,12 @@ def prediction_type_of(scheduler, override: str | None = None) -> str:
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load a teacher from ``cfg.source`` (or build a new one when ``cfg.backbone`` is set)."""
+    """Load a teacher from ``cfg.source`` (or build a new one when ``cfg.backbone`` is set; its folder is then the
+    pipeline folder ``cfg.source`` names, if any, whose VAE and text encoders it is trained with)."""
     if cfg.backbone:
-        return build_model(cfg)
+        loaded = build_model(cfg)
+        loaded.folder = teacher_folder(cfg)
+        return loaded
     if not cfg.source:
         raise ModelLoadError("model.source is empty: give a Diffusers folder, a Hub id or 'digits-teacher', "
                              "or set model.backbone to train a new model")
@@ -139,10 +142,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def teacher_folder(cfg: ModelConfig) -> Path | None:
-    """The local folder ``cfg.source`` names (None for a model built from ``cfg.backbone``)."""
-    if cfg.backbone or not cfg.source:
+    """The local folder ``cfg.source`` names. For a model built from ``cfg.backbone`` that is a pipeline folder
+    (``model_index.json``) whose VAE and text encoders the new model uses, or None."""
+    if not cfg.source:
         return None
-    return _local_folder(cfg.source, cfg.revision)
+    folder = _local_folder(cfg.source, cfg.revision)
+    return None if cfg.backbone and not (folder / "model_index.json").is_file() else folder
 
 
 def _index(folder: Path | None) -> dict:

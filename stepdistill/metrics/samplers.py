@@ -290,7 +290,8 @@ def _load_pipeline(folder, source, kind, name, device, guidance, trust_remote_co
     pipe.set_progress_bar_config(disable=True)
     config = dict(pipe.config)
     steps = _lookup(meta, "num_inference_steps") or config.get("num_inference_steps")
-    timesteps = _lookup(meta, "timesteps")
+    # a teacher is sampled by DDIM at each NFE: an exported teacher's recorded timesteps are its own sampler's
+    timesteps = _lookup(meta, "timesteps") if kind == "student" else None
     if steps is None and timesteps:
         steps = len(timesteps)
     if guidance is None:

@@ -12,7 +12,7 @@ from ..backbones import in_channels, unwrap
 from ..conditioning import Cond
 from ..config import ConfigError
 from ..denoiser import Denoiser
-from ..models import LoadedModel, check_resolution, load_model, save_model
+from ..models import LoadedModel, check_resolution, load_model, save_model, text_null_cond
 from ..pipelines.recipes import get_recipe
 from ..pipelines.spec import ExportSpec
 from ..solvers import sample as solve, scheduler_timesteps
@@ -23,7 +23,7 @@ from .registry import register
 
 @dataclass
 class DenoisingConfig:
-    label_dropout: float = 0.1  # probability of the null class (or empty prompt), so the model supports CFG
+    label_dropout: float = 0.1  # probability of the null class, or of the empty prompt (caption dropout), for CFG
     t_dist: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
     sample_steps: int = 50  # DDIM steps for sample grids
     sample_guidance: float = 1.0
@@ -73,7 +73,17 @@ class DenoisingObjective(Objective):
         loaded = load_model(run.model)
         check_resolution(loaded.denoiser.backbone, run.data.resolution)
         backbone = unwrap(loaded.denoiser.backbone)
-        has_source = source_channels(in_channels(backbone), run.data.channels, data, run.train.sample_every) > 0
+        # a text teacher: its prompts are dropped to the encoded empty prompt, as its pipeline encodes it for CFG
+        null = text_null_cond(run.model, run.cache_dir, run.data.resolution)
+        if null is not None:
+            loaded.denoiser.null_cond = null
+            if data is None or len(data) == 0 or "encoder_hidden_states" not in data[0]:
+                raise ConfigError(f"the model's pipeline folder {run.model.source!r} has text encoders: train it on "
+                                  "prompts with images (data.dataset=prompts, data.path=a .jsonl naming an image "
+                                  "per prompt)")
+        # a latent model's data serve VAE latents: its channels are the data's, not data.channels (the pixels')
+        channels = data[0]["image"].shape[0] if data is not None and len(data) else run.data.channels
+        has_source = source_channels(in_channels(backbone), channels, data, run.train.sample_every) > 0
         # the data's classes are used only by a class-conditional backbone
         num_classes = getattr(data, "num_classes", None) if backbone.config.get("num_class_embeds") else None
         if backbone.config.get("num_class_embeds") and num_classes is None and data is not None:
@@ -81,7 +91,7 @@ class DenoisingObjective(Objective):
                               f"{backbone.config.num_class_embeds}) but the data has no class labels: put each "
                               "class's images in a sub-folder of data.path named after the class, or set "
                               "model.backbone_config.num_class_embeds=null for an unconditional teacher")
-        objective = cls(run.objective, loaded, num_classes, run.data.resolution, run.data.channels)
+        objective = cls(run.objective, loaded, num_classes, run.data.resolution, channels)
         if getattr(data, "classes", None):  # an image folder's class names: label i is classes[i]
             objective.meta["class_names"] = list(data.classes)
         if has_source:  # its pipeline upsamples sources of this size (ImageConditionedPipeline)
@@ -93,10 +103,9 @@ class DenoisingObjective(Objective):
         cond = Cond.from_batch(batch)
         if self.num_classes is None:
             cond.class_labels = None
-        if cond.class_labels is not None and self.config.label_dropout > 0:
+        if self.config.label_dropout > 0 and (cond.class_labels is not None or self.model.null_cond is not None):
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.label_dropout
-            cond.class_labels = torch.where(drop, torch.full_like(cond.class_labels, self.num_classes),
-                                            cond.class_labels)
+            cond = drop_condition(cond, drop, self.model.null_cond, self.num_classes)
         schedule = self.schedule
         t = schedule.sample_t(x0.shape[0], self.config.t_dist, device=x0.device)
         noise = torch.randn_like(x0)
@@ -115,13 +124,17 @@ class DenoisingObjective(Objective):
         if labels is None and self.num_classes:
             labels = torch.arange(n, device=device) % self.num_classes
         cond = Cond(class_labels=labels)
+        if self.model.null_cond is not None:  # a text model: the batch's prompts, or the empty prompt
+            given = Cond.from_batch(batch)
+            cond = (given[:n] if given.encoder_hidden_states is not None else self.model.null_cond.repeat(n)).to(device)
         noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         steps = steps or self.config.sample_steps
         from diffusers import DDIMScheduler
 
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         s = self.config.sample_guidance if guidance_scale is None else guidance_scale
-        fn = lambda x, t: model(x, t, cond, guidance_scale=s if labels is not None else None)  # noqa: E731
+        guided = labels is not None or model.null_cond is not None
+        fn = lambda x, t: model(x, t, cond, guidance_scale=s if guided else None)  # noqa: E731
         return solve(fn, self.schedule, noise, scheduler_timesteps(ddim, steps)).clamp(-1, 1)
 
     def save_pretrained(self, directory):
@@ -131,7 +144,7 @@ class DenoisingObjective(Objective):
         """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
         from diffusers import DDIMScheduler
 
-        guidance = self.config.sample_guidance if self.num_classes else 1.0
+        guidance = self.config.sample_guidance if self.num_classes or self.model.null_cond is not None else 1.0
         recipe = get_recipe("ddim", self.config.sample_steps, guidance)
         trained = scheduler_timesteps(DDIMScheduler.from_config(self.scheduler.config), self.config.sample_steps)
         return ExportSpec(student=self.model, recipe=recipe, base_scheduler=self.scheduler, method="teacher",
@@ -139,3 +152,15 @@ class DenoisingObjective(Objective):
                           base_folder=self.source_folder, num_classes=self.num_classes, timesteps=trained,
                           meta=dict(self.meta))
 
+
+def drop_condition(cond: Cond, drop: torch.Tensor, null: Cond | None, null_class: int | None) -> Cond:
+    """``cond`` with the rows where ``drop`` is True made unconditional: class labels become ``null_class``, text
+    fields the encoded empty prompt ``null`` (classifier-free guidance training, Ho & Salimans 2022)."""
+    empty = cond.null_like(null, null_class=null_class)
+    out = cond.map(lambda x: x)
+    for name in ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled"):
+        value, blank = getattr(cond, name), getattr(empty, name)
+        if value is not None:
+            mask = drop.view(-1, *([1] * (value.dim() - 1)))
+            setattr(out, name, torch.where(mask, blank, value))
+    return out
