@@ -1,5 +1,7 @@
 """``stepdistill quickstart``: the shipped digits teacher -> a 1-step DMD2 student -> an exported pipeline ->
-the NFE-versus-FID benchmark, on a laptop CPU in minutes.
+the NFE-versus-FID benchmark, on a laptop CPU in minutes. ``--t2i`` does the same with the shipped text-to-image
+teacher (``digits-t2i``, a StableDiffusionPipeline), its student exported as a stock StableDiffusionPipeline and
+benchmarked on the held-out captions with CLIP score, prompt accuracy and diversity besides FID.
 
 Stages (each resumes if the command is run again with the same ``--out``):
 
@@ -48,6 +50,32 @@ DMD2 = {
 }
 TEACHER_RESULTS = Path(__file__).parent / "assets" / "digits-teacher" / "nfe_vs_fid.json"
 
+# --t2i: the same stages on the text-to-image teacher's 8x8x4 latents, with its CFG distilled into the student
+T2I_TEACHER = "digits-t2i"
+T2I_GUIDANCE = 3.0  # the teacher's CFG scale (standard form) in its pairs and DMD2's real score
+T2I_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
+T2I_PAIRS = {"n": 2048, "nfe": 8, "solver": "dpmpp_2m", "prompts": "digits-captions:train"}
+T2I_COMMON = {
+    "model": {"source": T2I_TEACHER},
+    "train": {"batch_size": 64, "ema_decay": 0.99, "checkpoint_every": 100, "log_every": 25, "sample_every": 0},
+}
+T2I_REGRESSION = {
+    "method": "regression",
+    "data": {"dataset": "pairs", "resolution": 8, "channels": 4},
+    "train": {"max_steps": 300},
+    "optim": {"generator": {"lr": 2e-4, "betas": [0.9, 0.999]}},
+    "objective": {"student_steps": 1, "regression_distance": "pseudo_huber", "huber_c": 0.03},
+}
+T2I_DMD2 = {
+    "method": "dmd2",
+    "data": {"dataset": "prompts", "path": "digits-captions:train", "resolution": 8, "channels": 1},
+    "train": {"max_steps": 150},
+    "optim": {"generator": {"lr": 2e-5, "betas": [0.0, 0.999], "every": 1},
+              "critic": {"lr": 2e-4, "betas": [0.0, 0.999]}},
+    "objective": {"student_steps": 1, "real_guidance_scale": T2I_GUIDANCE},
+}
+T2I_TEACHER_RESULTS = Path(__file__).parent / "assets" / "digits-t2i" / "nfe_vs_fid.json"
+
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
@@ -56,22 +84,25 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def stage_configs(out: Path) -> dict[str, dict]:
+def stage_configs(out: Path, t2i: bool = False) -> dict[str, dict]:
     """The raw run configs of the two training stages, with their output folders under ``out``."""
-    regression = _merge(_merge(COMMON, REGRESSION), {"output_dir": str(out / "regression"),
-                                                     "data": {"path": str(out / "pairs")}})
-    dmd2 = _merge(_merge(COMMON, DMD2), {"output_dir": str(out / "dmd2"),
-                                         "objective": {"generator_init": str(out / "regression")}})
+    common, first, second = (T2I_COMMON, T2I_REGRESSION, T2I_DMD2) if t2i else (COMMON, REGRESSION, DMD2)
+    regression = _merge(_merge(common, first), {"output_dir": str(out / "regression"),
+                                                "data": {"path": str(out / "pairs")}})
+    dmd2 = _merge(_merge(common, second), {"output_dir": str(out / "dmd2"),
+                                           "objective": {"generator_init": str(out / "regression")}})
     return {"regression": regression, "dmd2": dmd2}
 
 
 def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute_teacher: bool = False,
-                   progress: bool = True) -> dict:
-    """Run every stage into ``out``; returns (and writes to ``out/quickstart.json``) the timings and the figures."""
+                   progress: bool = True, t2i: bool = False) -> dict:
+    """Run every stage into ``out``; returns (and writes to ``out/quickstart.json``) the timings and the figures.
+    ``t2i``: distil the text-to-image teacher (``digits-t2i``) instead of the class-conditional one."""
     # imported here, not at the top: `stepdistill --help` builds this command's parser without loading them
     from .metrics.commands import _summary
     from .metrics.nfe import BenchSettings, run_benchmark
     from .metrics.samplers import load_eval_model
+    from .metrics.text_alignment import DEFAULT_CLIP, DEFAULT_PROMPTS, load_eval_prompts, resolve_clip
     from .pairs import make_pairs
     from .runs import export_run
     from .trainers import build_trainer, resolve
@@ -80,6 +111,9 @@ def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    teacher_source, pairs, teacher_nfe, shipped = ((T2I_TEACHER, T2I_PAIRS, T2I_TEACHER_NFE, T2I_TEACHER_RESULTS)
+                                                   if t2i else (TEACHER, PAIRS, TEACHER_NFE, TEACHER_RESULTS))
+    guidance = T2I_GUIDANCE if t2i else 1.0
 
     def stage(name: str, text: str):
         print(f"[quickstart] {name}: {text}", flush=True)
@@ -88,10 +122,11 @@ def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute
     def done(name: str):
         seconds[name] = round(time.perf_counter() - seconds[name], 1)
 
-    stage("pairs", f"{PAIRS['n']} teacher pairs ({PAIRS['solver']}, {PAIRS['nfe']} steps) -> {out / 'pairs'}")
-    make_pairs(TEACHER, out / "pairs", PAIRS["n"], nfe=PAIRS["nfe"], solver=PAIRS["solver"], progress=progress)
+    stage("pairs", f"{pairs['n']} teacher pairs ({pairs['solver']}, {pairs['nfe']} steps) -> {out / 'pairs'}")
+    make_pairs(teacher_source, out / "pairs", pairs["n"], nfe=pairs["nfe"], solver=pairs["solver"],
+               guidance_scale=guidance, prompts=pairs.get("prompts"), progress=progress)
     done("pairs")
-    for name, raw in stage_configs(out).items():
+    for name, raw in stage_configs(out, t2i).items():
         stage(name, f"{raw['train']['max_steps']} steps of {raw['method']} -> {raw['output_dir']}")
         run = resolve(raw)
         run.train.progress = progress
@@ -101,32 +136,51 @@ def run_quickstart(out: str | Path = "quickstart", n_eval: int = 2000, recompute
     pipeline = export_run(out / "dmd2", out / "pipeline", overwrite=True)
     done("export")
 
-    stage("benchmark", f"teacher at NFE {','.join(map(str, TEACHER_NFE))} and the student, N = {n_eval}")
-    teacher = load_eval_model(TEACHER, "teacher")
-    student = load_eval_model(str(pipeline), "student", name="quickstart-student")
-    reuse = None if recompute_teacher or not TEACHER_RESULTS.is_file() else json.loads(TEACHER_RESULTS.read_text())
+    stage("benchmark", f"teacher at NFE {','.join(map(str, teacher_nfe))} and the student, N = {n_eval}")
+    prompts = load_eval_prompts(DEFAULT_PROMPTS) if t2i else None
+    teacher = load_eval_model(teacher_source, "teacher", guidance=guidance if t2i else None, prompts=prompts)
+    student = load_eval_model(str(pipeline), "student", name=f"quickstart{'-t2i' if t2i else ''}-student",
+                              prompts=prompts)
+    reuse = None if recompute_teacher or not shipped.is_file() else json.loads(shipped.read_text())
     settings = BenchSettings(n=n_eval, progress=progress)
-    results = run_benchmark([(teacher, list(TEACHER_NFE)), (student, student.default_nfe)], settings,
-                            out / "results.json", log=print if progress else (lambda *a: None), reuse=reuse)
+    results = run_benchmark([(teacher, list(teacher_nfe)), (student, student.default_nfe)], settings,
+                            out / "results.json", log=print if progress else (lambda *a: None), reuse=reuse,
+                            clip=resolve_clip(DEFAULT_CLIP) if t2i else None)
     done("benchmark")
     seconds["total"] = round(time.perf_counter() - started, 1)
-
-    teacher_rows = results["models"][0]["results"]
-    best = min(teacher_rows, key=lambda r: r["fid"])
-    student_fid = results["models"][1]["results"][0]["fid"]
-    summary = {"student_fid": student_fid, "teacher_best_fid": best["fid"], "teacher_best_nfe": best["nfe"],
-               "ratio_to_teacher_best": student_fid / best["fid"], "seconds": seconds,
-               "teacher_results_reused": any(r.get("reused") for r in teacher_rows), "n": n_eval}
+    summary = _figures(results, seconds, n_eval)
     (out / "quickstart.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(_summary(results))
-    print(f"1-step student FID {student_fid:.4g} = {summary['ratio_to_teacher_best']:.2f}x the teacher's best "
-          f"({best['fid']:.4g} at NFE {best['nfe']})" + (" [teacher rows reused from the shipped benchmark of "
-                                                          "these exact weights]" if summary["teacher_results_reused"]
-                                                          else ""))
+    best = f"{summary['teacher_best_fid']:.4g} at NFE {summary['teacher_best_nfe']}"
+    print(f"{summary['student_nfe']}-step student FID {summary['student_fid']:.4g} = "
+          f"{summary['ratio_to_teacher_best']:.2f}x the teacher's best ({best})"
+          + (" [teacher rows reused from the shipped benchmark of these exact weights]"
+             if summary["teacher_results_reused"] else ""))
+    if "student_prompt_accuracy" in summary:
+        print(f"prompt accuracy {summary['student_prompt_accuracy']:.3f} = {summary['prompt_accuracy_ratio']:.2f}x "
+              f"the teacher's at NFE {summary['teacher_best_nfe']} ({summary['teacher_prompt_accuracy']:.3f})")
     print(f"wall time {seconds['total'] / 60:.1f} min: " + ", ".join(
         f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total"))
     print(f"pipeline: {pipeline}\nresults:  {out / 'results.json'}\nplot:     {out / 'nfe_vs_fid.png'}\n"
           f"samples:  {out / 'samples'}/\nload it:  see {pipeline / 'README.md'}")
+    return summary
+
+
+def _figures(results: dict, seconds: dict, n_eval: int) -> dict:
+    """The quickstart's figures: the student against the teacher's best FID (and, for text, the prompt accuracy
+    against the teacher's at that NFE)."""
+    teacher_rows = results["models"][0]["results"]
+    best = min(teacher_rows, key=lambda r: r["fid"])
+    student = results["models"][1]["results"][0]
+    summary = {"student_nfe": student["nfe"], "student_fid": student["fid"], "teacher_best_fid": best["fid"],
+               "teacher_best_nfe": best["nfe"], "ratio_to_teacher_best": student["fid"] / best["fid"],
+               "seconds": seconds, "teacher_results_reused": any(r.get("reused") for r in teacher_rows), "n": n_eval}
+    if student.get("prompt_accuracy") is not None and best.get("prompt_accuracy"):
+        summary.update(student_prompt_accuracy=student["prompt_accuracy"],
+                       teacher_prompt_accuracy=best["prompt_accuracy"],
+                       prompt_accuracy_ratio=student["prompt_accuracy"] / best["prompt_accuracy"],
+                       student_clip_score=student.get("clip_score"), teacher_clip_score=best.get("clip_score"),
+                       student_diversity=student.get("diversity"), teacher_diversity=best.get("diversity"))
     return summary
 
 
@@ -137,9 +191,12 @@ def add_cli(sub) -> None:
     p.add_argument("--n", type=int, default=2000, help="samples per FID point (default 2000)")
     p.add_argument("--recompute-teacher", action="store_true",
                    help="measure the teacher's curve again instead of reusing the shipped measurement of its weights")
+    p.add_argument("--t2i", action="store_true",
+                   help="distil the shipped text-to-image teacher (digits-t2i) instead, a stock StableDiffusionPipeline "
+                        "student scored with CLIP score, prompt accuracy and diversity too")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_cli(args) -> int:
-    run_quickstart(args.out, args.n, args.recompute_teacher, not args.no_progress)
+    run_quickstart(args.out, args.n, args.recompute_teacher, not args.no_progress, args.t2i)
     return 0

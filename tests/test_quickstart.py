@@ -59,3 +59,34 @@ def test_the_shipped_teacher_curve_is_reusable_for_the_shipped_teacher():
     rows = reusable_rows(shipped, load_eval_model("digits-teacher", "teacher"), protocol)
     assert sorted(rows) == list(quickstart.TEACHER_NFE)
     assert rows[64]["fid"] == min(r["fid"] for r in rows.values())
+
+
+def test_quickstart_t2i_exports_a_stock_pipeline_scored_for_text_alignment(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(quickstart, "T2I_PAIRS", {**quickstart.T2I_PAIRS, "n": 32, "nfe": 2})
+    for stage in (quickstart.T2I_REGRESSION, quickstart.T2I_DMD2):
+        monkeypatch.setitem(stage, "train", {"max_steps": 2})
+    monkeypatch.setitem(quickstart.T2I_COMMON, "train", {**quickstart.T2I_COMMON["train"], "batch_size": 16})
+    monkeypatch.setattr(quickstart, "T2I_TEACHER_NFE", (2,))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--t2i", "--out", str(out), "--n", "40", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "1-step student FID" in printed and "prompt accuracy" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [(m["name"], [r["nfe"] for r in m["results"]]) for m in results["models"]] == \
+        [("digits-t2i", [2]), ("quickstart-t2i-student", [1])]
+    row = results["models"][1]["results"][0]
+    for key in ("fid", "clip_score", "prompt_accuracy", "digit_accuracy"):
+        assert row.get(key) is not None, key  # (diversity needs 2 samples of a prompt: N >= 718 here)
+    assert results["protocol"]["prompts"]["count"] == 359 and "digits-clip" in str(results["protocol"]["clip_score"])
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["student_prompt_accuracy"] == row["prompt_accuracy"]
+    # a stock StableDiffusionPipeline whose scheduler runs the student's one step
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [999]
+    images = pipe(["a thick 7"], num_inference_steps=1, guidance_scale=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 1, 32, 32)
