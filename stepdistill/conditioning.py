@@ -99,6 +99,21 @@ class Cond:
             setattr(out, name, template.to(value.device, value.dtype).expand(n, *template.shape[1:]).clone())
         return out
 
+    def dropped(self, drop: torch.Tensor, null: "Cond | None" = None, *, null_class: int | None = None) -> "Cond":
+        """This batch with the rows where ``drop`` (bool, ``(B,)``) is True made unconditional, as
+        :meth:`null_like` makes them (class labels to ``null_class``, prompts to the encoded empty prompt ``null``):
+        condition dropout for classifier-free guidance (Ho & Salimans 2022). Without labels or prompts, as is."""
+        if self.class_labels is None and self.encoder_hidden_states is None and self.pooled is None:
+            return self
+        empty = self.null_like(null, null_class=null_class)
+        out = replace(self)
+        for name in ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled"):
+            value = getattr(self, name)
+            if value is not None:
+                mask = drop.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+                setattr(out, name, torch.where(mask, getattr(empty, name), value))
+        return out
+
     @classmethod
     def from_batch(cls, batch: dict) -> "Cond":
         """Read the conditioning fields a data set yields (see ``stepdistill.data``)."""

@@ -69,6 +69,11 @@ def _recorded_path(raw, tmp, teacher):
     raw["objective"]["path"] = record.output_dir
 
 
+def _image_free(raw, tmp, teacher):
+    """Image-free methods (SwiftBrush, SNOOPI) refuse image data: class labels are drawn at random."""
+    raw["data"] = {"dataset": "none", "resolution": 8, "channels": 1}
+
+
 #: method -> (changes to the raw config, objective settings): only what the defaults cannot do on the tiny run
 SETUPS = {
     "teacher": (_new_model, {"sample_steps": 1}),
@@ -81,6 +86,8 @@ SETUPS = {
     "scott": (None, {"num_ddim_timesteps": 50, "student_steps": 1}),
     "lcm_lora": (None, {"num_ddim_timesteps": 50, "student_steps": 1, "lora_rank": 4}),
     "tscd": (None, {"num_ddim_timesteps": 40, "student_steps": 1}),
+    "swiftbrush": (_image_free, {}),
+    "snoopi": (_image_free, {}),
 }
 
 

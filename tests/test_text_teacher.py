@@ -11,23 +11,22 @@ import torch
 from stepdistill.conditioning import Cond
 from stepdistill.config import ConfigError, read_config
 from stepdistill.trainers import build_trainer, resolve
-from stepdistill.trainers.teacher import drop_condition
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "teacher_digits_t2i.yaml"
 
 
-def test_drop_condition_makes_the_dropped_rows_the_empty_prompt_and_keeps_the_rest():
+def test_caption_dropout_makes_the_dropped_rows_the_empty_prompt_and_keeps_the_rest():
     torch.manual_seed(0)
     cond = Cond(encoder_hidden_states=torch.randn(5, 3, 4), pooled=torch.randn(5, 4), time_ids=torch.randn(5, 6))
     null = Cond(encoder_hidden_states=torch.randn(1, 3, 4), pooled=torch.randn(1, 4))
     drop = torch.tensor([True, False, True, False, False])
-    out = drop_condition(cond, drop, null, None)
+    out = cond.dropped(drop, null)
     for name in ("encoder_hidden_states", "pooled"):
         got, given, empty = getattr(out, name), getattr(cond, name), getattr(null, name)[0]
         assert torch.equal(got[~drop], given[~drop])
         assert all(torch.equal(row, empty) for row in got[drop])
     assert torch.equal(out.time_ids, cond.time_ids)  # it describes the sample, not the prompt
-    labels = drop_condition(Cond(class_labels=torch.tensor([1, 2, 3])), torch.tensor([False, True, False]), None, 10)
+    labels = Cond(class_labels=torch.tensor([1, 2, 3])).dropped(torch.tensor([False, True, False]), null_class=10)
     assert labels.class_labels.tolist() == [1, 10, 3]
 
 

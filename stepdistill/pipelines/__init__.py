@@ -27,6 +27,11 @@ _EXPORTS = {
     "export_scheduler": "spec",
     "student_timesteps": "sampling",
     "sample_student": "sampling",
+    "NASAAttnProcessor": "nasa",
+    "apply_nasa": "nasa",
+    "set_nasa": "nasa",
+    "remove_nasa": "nasa",
+    "cross_attention_layers": "nasa",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -132,6 +132,8 @@ def render(info: dict, meta: dict) -> str:
         body += ["The LoRA file also applies to the original base model: load the base pipeline, set its scheduler "
                  f"to this folder's (`{info['scheduler']}.from_pretrained(PATH, subfolder='scheduler')`) and call "
                  "`pipe.load_lora_weights(PATH)`.", ""]
+    for heading, text in (meta.get("card_sections") or {}).items():  # a method's own notes (e.g. SNOOPI's NASA)
+        body += [f"## {heading}", "", text, ""]
     body += ["## Evaluation", ""]
     metrics = info.get("metrics") or {}
     if metrics:

@@ -6,11 +6,12 @@ from .callbacks import Callback, PeriodicEval, SampleGrid
 from .engine import DistillTrainer, NonFiniteLoss
 from .registry import (METHODS, ACDTrainer, ConsistencyTrainer, DecoupledDMDTrainer, DisBackTrainer, DMD2Trainer,
                        DMDTrainer, FDistillTrainer, ICTTrainer, LCMLoRATrainer, LCMTrainer, MSDTrainer, NamedTrainer,
-                       RegressionTrainer, SCottTrainer, TeacherTrainer, TSCDTrainer, build_trainer, discover,
-                       get_method, load_config, register, resolve)
+                       RegressionTrainer, SCottTrainer, SNOOPITrainer, SwiftBrushTrainer, TeacherTrainer, TSCDTrainer,
+                       VSDTrainer, build_trainer, discover, get_method, load_config, register, resolve)
 
 __all__ = ["ACDTrainer", "Callback", "ConsistencyTrainer", "DMD2Trainer", "DMDTrainer", "DecoupledDMDTrainer",
            "DisBackTrainer", "DistillTrainer", "FDistillTrainer", "ICTTrainer", "LCMLoRATrainer", "LCMTrainer",
            "METHODS", "MSDTrainer", "NamedTrainer", "NonFiniteLoss", "Objective", "PeriodicEval", "Phase",
-           "RegressionTrainer", "SCottTrainer", "SampleGrid", "TSCDTrainer", "TeacherTrainer", "build_trainer",
-           "discover", "get_method", "load_config", "register", "resolve"]
+           "RegressionTrainer", "SCottTrainer", "SNOOPITrainer", "SampleGrid", "SwiftBrushTrainer", "TSCDTrainer",
+           "TeacherTrainer", "VSDTrainer", "build_trainer", "discover", "get_method", "load_config", "register",
+           "resolve"]

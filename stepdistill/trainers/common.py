@@ -133,12 +133,15 @@ class PatchDiscriminator(torch.nn.Module):
         return self.net(x.float())
 
 
-def trainable_copy(teacher: Denoiser, lora_rank: int = 0, lora_targets: list[str] | None = None) -> Denoiser:
-    """A trainable network initialised from the teacher: a full copy, or LoRA of ``lora_rank`` on the teacher's
-    own (frozen, shared) weights (on ``lora_targets``, default the backbone's usual modules)."""
+def trainable_copy(teacher: Denoiser, lora_rank: int = 0, lora_targets: list[str] | None = None,
+                   lora_alpha: float | None = None) -> Denoiser:
+    """A trainable network initialised from the teacher: a full copy, or LoRA of ``lora_rank`` (alpha ``lora_alpha``,
+    default the rank) on the teacher's own (frozen, shared) weights (on ``lora_targets``, default the backbone's
+    usual modules)."""
     if not lora_rank:
         return teacher.clone(trainable=True)
-    return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank, target_modules=lora_targets)
+    return teacher.clone(trainable=False, share_weights=True).with_lora(lora_rank, lora_alpha,
+                                                                        target_modules=lora_targets)
 
 
 def new_student(teacher: Denoiser, overrides: dict, key: str) -> Denoiser:

@@ -250,11 +250,12 @@ class DisBackObjective(DMDObjective):
         """The network that is the real score now: the path checkpoint of the current target, or the teacher."""
         return self.teacher if self._target is None else self.path_score
 
-    def real_score_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def real_score_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale=None) -> torch.Tensor:
         """DMD2's real score replaced by the current target (:meth:`set_target`), with the teacher's CFG scale
-        ``real_guidance_scale``: ``grad = (x0_fake - x0_target) / mean|x - x0_target|``
+        (``guidance_scale``, None: ``real_guidance_scale``): ``grad = (x0_fake - x0_target) / mean|x - x0_target|``
         (:func:`~stepdistill.trainers.dmd.dmd_gradient`)."""
-        return self.real_score(x_t, t, cond, guidance_scale=self.config.real_guidance_scale)
+        scale = self.config.real_guidance_scale if guidance_scale is None else guidance_scale
+        return self.real_score(x_t, t, cond, guidance_scale=scale)
 
     def loss(self, phase, batch, step):
         """DMD2's loss against the target of ``step``; the generator's logs add the target's stage-1 updates."""

@@ -81,7 +81,7 @@ class DMDObjective(GeneratorObjective):
     def __init__(self, config: DMDConfig, teacher: Denoiser, teacher_scheduler, num_classes: int | None,
                  resolution: int, channels: int):
         super().__init__(config, teacher, teacher_scheduler, num_classes, resolution, channels)
-        self.fake_score = trainable_copy(teacher, config.fake_score_lora_rank)
+        self.fake_score = self.make_fake_score(teacher)
         self.disc_head = None
         if config.gan_weight_disc > 0:
             feats = self._features(self.fake_score, torch.zeros(1, channels, resolution, resolution),
@@ -111,6 +111,12 @@ class DMDObjective(GeneratorObjective):
     @classmethod
     def needs_pairs(cls, config) -> bool:
         return config.regression_weight > 0
+
+    def make_fake_score(self, teacher: Denoiser) -> Denoiser:
+        """The fake score (the score of the generator's distribution), initialised from the teacher: a full copy, or
+        LoRA on the teacher's shared weights (``fake_score_lora_rank``). Variational score distillation overrides it
+        (its LoRA's targets, alpha and parameterization)."""
+        return trainable_copy(teacher, self.config.fake_score_lora_rank)
 
     @staticmethod
     def _features(score, x, t, cond):
@@ -153,14 +159,17 @@ class DMDObjective(GeneratorObjective):
         """The weight of each term of ``distribution_matching`` in the generator's loss (other keys are logged)."""
         return {"dm": self.config.dm_weight}
 
-    def real_score_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def real_score_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, guidance_scale=None) -> torch.Tensor:
         """The real score of the distribution-matching gradient (``s_real`` of DMD Eq. 7) at ``(x_t, t)``, as the
         x0 prediction it implies (``s = (alpha_t x0 - x_t) / sigma_t^2``): the frozen teacher with CFG at
-        ``real_guidance_scale`` (standard form). Called under no grad; float32 x0 of ``x_t``'s shape.
+        ``guidance_scale`` (standard form; None: ``real_guidance_scale``). Called under no grad; float32 x0 of
+        ``x_t``'s shape.
 
         The hook for methods that change only where the real score comes from: DisBack (a recorded path of
-        scores, then the teacher), variational score distillation."""
-        return self.teacher(x_t, t, cond, guidance_scale=self.config.real_guidance_scale)
+        scores, then the teacher), variational score distillation (SwiftBrush: the LoRA teacher with its adapters
+        off; SNOOPI: a drawn guidance scale, negative prompts)."""
+        scale = self.config.real_guidance_scale if guidance_scale is None else guidance_scale
+        return self.teacher(x_t, t, cond, guidance_scale=scale)
 
     def distribution_matching(self, x: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
         """The generator's distribution-matching term ``{"dm": loss, ...}`` for its samples ``x`` (with grad):

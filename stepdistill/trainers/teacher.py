@@ -105,7 +105,7 @@ class DenoisingObjective(Objective):
             cond.class_labels = None
         if self.config.label_dropout > 0 and (cond.class_labels is not None or self.model.null_cond is not None):
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.label_dropout
-            cond = drop_condition(cond, drop, self.model.null_cond, self.num_classes)
+            cond = cond.dropped(drop, self.model.null_cond, null_class=self.num_classes)
         schedule = self.schedule
         t = schedule.sample_t(x0.shape[0], self.config.t_dist, device=x0.device)
         noise = torch.randn_like(x0)
@@ -152,15 +152,3 @@ class DenoisingObjective(Objective):
                           base_folder=self.source_folder, num_classes=self.num_classes, timesteps=trained,
                           meta=dict(self.meta))
 
-
-def drop_condition(cond: Cond, drop: torch.Tensor, null: Cond | None, null_class: int | None) -> Cond:
-    """``cond`` with the rows where ``drop`` is True made unconditional: class labels become ``null_class``, text
-    fields the encoded empty prompt ``null`` (classifier-free guidance training, Ho & Salimans 2022)."""
-    empty = cond.null_like(null, null_class=null_class)
-    out = cond.map(lambda x: x)
-    for name in ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled"):
-        value, blank = getattr(cond, name), getattr(empty, name)
-        if value is not None:
-            mask = drop.view(-1, *([1] * (value.dim() - 1)))
-            setattr(out, name, torch.where(mask, blank, value))
-    return out
