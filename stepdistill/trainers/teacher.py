@@ -45,6 +45,7 @@ class DenoisingObjective(Objective):
                  channels: int):
         super().__init__(config)
         self.model: Denoiser = loaded.denoiser
+        self.null_cond = loaded.denoiser.null_cond  # a text model's encoded empty prompt (kept here: DDP wraps model)
         self.model.requires_grad_(True).train()
         self.scheduler = loaded.scheduler
         self.source_folder = loaded.folder  # the teacher's Diffusers folder (VAE / text encoders for export)
@@ -103,9 +104,9 @@ class DenoisingObjective(Objective):
         cond = Cond.from_batch(batch)
         if self.num_classes is None:
             cond.class_labels = None
-        if self.config.label_dropout > 0 and (cond.class_labels is not None or self.model.null_cond is not None):
+        if self.config.label_dropout > 0 and (cond.class_labels is not None or self.null_cond is not None):
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.label_dropout
-            cond = cond.dropped(drop, self.model.null_cond, null_class=self.num_classes)
+            cond = cond.dropped(drop, self.null_cond, null_class=self.num_classes)
         schedule = self.schedule
         t = schedule.sample_t(x0.shape[0], self.config.t_dist, device=x0.device)
         noise = torch.randn_like(x0)
@@ -124,16 +125,16 @@ class DenoisingObjective(Objective):
         if labels is None and self.num_classes:
             labels = torch.arange(n, device=device) % self.num_classes
         cond = Cond(class_labels=labels)
-        if self.model.null_cond is not None:  # a text model: the batch's prompts, or the empty prompt
+        if self.null_cond is not None:  # a text model: the batch's prompts, or the empty prompt
             given = Cond.from_batch(batch)
-            cond = (given[:n] if given.encoder_hidden_states is not None else self.model.null_cond.repeat(n)).to(device)
+            cond = (given[:n] if given.encoder_hidden_states is not None else self.null_cond.repeat(n)).to(device)
         noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         steps = steps or self.config.sample_steps
         from diffusers import DDIMScheduler
 
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         s = self.config.sample_guidance if guidance_scale is None else guidance_scale
-        guided = labels is not None or model.null_cond is not None
+        guided = labels is not None or self.null_cond is not None
         fn = lambda x, t: model(x, t, cond, guidance_scale=s if guided else None)  # noqa: E731
         return solve(fn, self.schedule, noise, scheduler_timesteps(ddim, steps)).clamp(-1, 1)
 
@@ -144,7 +145,7 @@ class DenoisingObjective(Objective):
         """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
         from diffusers import DDIMScheduler
 
-        guidance = self.config.sample_guidance if self.num_classes or self.model.null_cond is not None else 1.0
+        guidance = self.config.sample_guidance if self.num_classes or self.null_cond is not None else 1.0
         recipe = get_recipe("ddim", self.config.sample_steps, guidance)
         trained = scheduler_timesteps(DDIMScheduler.from_config(self.scheduler.config), self.config.sample_steps)
         return ExportSpec(student=self.model, recipe=recipe, base_scheduler=self.scheduler, method="teacher",
