@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import diversity as div
+from .clip_score import clip_scores
+from .fid import reference_images
 from .text_alignment import (ASSIGNMENT, DigitsJudge, clip_protocol, grade, parse_all, prompt_accuracy_protocol,
                              summarize_grades)
 
@@ -52,8 +54,6 @@ class ExtraMetrics:
         """``R(c)`` per class of the reference set (features computed once), and with ``pooled`` also ``R("all")``
         over all of it (the reference of an unconditional model)."""
         if self._real is None:
-            from .fid import reference_images
-
             _, images, labels = reference_images(self.reference, self.resolution, self.channels)
             self._feats = torch.cat([self.judge(images[s:s + 500].float() / 255)[0]
                                      for s in range(0, len(images), 500)])
@@ -148,8 +148,6 @@ class PointMetrics:
         if mm.parsed is not None:
             self.grades.extend(grade(images, [mm.parsed[i % len(prompts)] for i in indices], predicted))
         if prompts and extra.clip is not None:
-            from .clip_score import clip_scores
-
             batch = [prompts[i % len(prompts)] for i in indices]
             self.clip.append(clip_scores(extra.clip, images.float().clamp(0, 1), batch, extra.clip_scale))
 

@@ -20,6 +20,7 @@ binned with the ASKED digit ``d_i``'s thresholds)::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from ..cache import file_sha256
 from ..data import DataError, attribute_words, parse_prompt, read_prompts
 from ..data.captions import RESOLUTION as CAPTION_RESOLUTION, WORDS
 from ..data.prompts import is_prompt_set
-from .features import DIGITS_CONFIG, DIGITS_FEATURES_DIR, DIGITS_WEIGHTS, load_digits_cnn, uint8_to_unit
+from .clip_score import load_clip
+from .features import (DIGITS_CONFIG, DIGITS_FEATURES_DIR, DIGITS_WEIGHTS, FeatureError, load_digits_cnn,
+                       uint8_to_unit)
 
 DEFAULT_PROMPTS = "digits-captions:eval"
 DEFAULT_CLIP = "digits-clip"  # the shipped open_clip (stepdistill.metrics.clip_score)
@@ -95,8 +98,6 @@ def _limit(pipe, name: str, tokenizer) -> int | None:
     if not isinstance(limit, int) or limit <= 0 or limit > 100_000:  # "no limit" is 1e30 in transformers
         return None
     if name == "tokenizer_3":  # T5 in SD3: the call cuts at max_sequence_length (256), not model_max_length
-        import inspect
-
         param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
         if param is not None and isinstance(param.default, int):
             limit = min(limit, param.default)
@@ -230,9 +231,6 @@ def resolve_clip(spec: str | None, weights: str | None = None, device: str = "cp
     """The :class:`~stepdistill.metrics.clip_score.ClipModel` of ``--clip SPEC [--clip-weights FILE]``, or None
     for ``none``: ``digits-clip`` (shipped), ``local-dir:DIR``, or an open_clip architecture (name or config .json)
     with a weights file."""
-    from .clip_score import load_clip
-    from .features import FeatureError
-
     if spec is None or spec.lower() == "none":
         if weights:
             raise DataError("--clip-weights FILE needs --clip ARCH (the open_clip architecture of those weights)")
