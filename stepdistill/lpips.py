@@ -55,15 +55,24 @@ def load_lpips(vgg_weights: str | Path) -> torch.nn.Module:
 MIN_SIZE = 32  # VGG16 halves the image four times before its last stage
 
 
-def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean LPIPS between image batches in [-1, 1]; 1-channel images are repeated to RGB, and images smaller
-    than 32 pixels are bilinearly upsampled to 32 first (VGG16's last stage needs 2x2 after four poolings)."""
-    if min(a.shape[-2:]) < MIN_SIZE:
-        a, b = (torch.nn.functional.interpolate(x.float(), size=(MIN_SIZE, MIN_SIZE), mode="bilinear",
-                                                align_corners=False) for x in (a, b))
+def lpips_per_sample(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor,
+                     size: int | None = None) -> torch.Tensor:
+    """LPIPS of each pair of images in [-1, 1], shape ``(B,)``; 1-channel images are repeated to RGB. ``size``:
+    bilinear resize to ``size`` x ``size`` first (rfpp compares at 224); otherwise images smaller than 32 pixels are
+    bilinearly upsampled to 32 (VGG16's last stage needs 2x2 after four poolings)."""
+    if size is None and min(a.shape[-2:]) < MIN_SIZE:
+        size = MIN_SIZE
+    if size is not None and tuple(a.shape[-2:]) != (size, size):
+        a, b = (torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+                for x in (a, b))
     if a.shape[1] == 1:
         a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
     if a.shape[1] != 3:
         raise LPIPSError(f"LPIPS compares RGB or grayscale images, not {a.shape[1]}-channel tensors (latents: use "
                          "pseudo_huber)")
-    return model(a.float(), b.float()).mean()
+    return model(a.float(), b.float()).flatten(1).mean(1)
+
+
+def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean LPIPS between image batches in [-1, 1] (:func:`lpips_per_sample`, images below 32 pixels upsampled)."""
+    return lpips_per_sample(model, a, b).mean()

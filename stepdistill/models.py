@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from .backbones import unwrap
 from .config import ModelConfig
@@ -58,7 +59,7 @@ def _resolve_folder(source: str, revision: str | None) -> Path:
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"model source {source} is a file; give a Diffusers model or pipeline folder")
-        return path
+        return run_model_folder(path)
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ModelLoadError(f"model folder {source} does not exist (and it is not a Hub id like 'org/name')")
     from huggingface_hub import snapshot_download
@@ -77,6 +78,52 @@ def _resolve_folder(source: str, revision: str | None) -> Path:
         return Path(snapshot_download(source, revision=revision))
     except Exception as exc:
         raise ModelLoadError(f"{hint} (download failed: {type(exc).__name__})") from exc
+
+
+RUN_CONFIG = "config.yaml"  # a training run folder holds it (and its trained model in final/)
+
+
+def _has_denoiser(folder: Path) -> bool:
+    return any((folder / name / "config.json").is_file() for name in DENOISER_SUBFOLDERS) or \
+        (folder / "config.json").is_file()
+
+
+def run_model_folder(folder: Path) -> Path:
+    """``folder`` itself, or, for a training run folder (``config.yaml``, no model of its own), the model it
+    trained: ``final/`` (its EMA weights where the run keeps an EMA), so that a run is a model source (a reflow round
+    on the previous round's run, make-pairs from a student run)."""
+    if _has_denoiser(folder) or not (folder / RUN_CONFIG).is_file():
+        return folder
+    if not _has_denoiser(folder / "final"):
+        raise ModelLoadError(f"{folder} is a training run without a trained model (final/): let it finish "
+                             f"(`stepdistill train {folder / RUN_CONFIG}` resumes it), or export one of its "
+                             "checkpoints (`stepdistill export`) and give that folder")
+    return folder / "final"
+
+
+def pipeline_folder(folder: Path | None) -> Path | None:
+    """The Diffusers pipeline folder (``model_index.json``: VAE, tokenizers, text encoders) a model folder belongs
+    to: the folder itself, or for a run's ``final/`` the pipeline folder of the model that run started from (its
+    ``config.yaml``'s ``model.source``, followed through earlier runs); None when there is none."""
+    seen = set()
+    while folder is not None and str(folder) not in seen:
+        seen.add(str(folder))
+        if (folder / "model_index.json").is_file():
+            return folder
+        config = folder.parent / RUN_CONFIG if folder.name == "final" else None
+        if config is None or not config.is_file():
+            return None
+        try:
+            source = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("source")
+        except (OSError, yaml.YAMLError):
+            return None
+        if not source:
+            return None
+        try:
+            folder = _local_folder(str(source), None)
+        except ModelLoadError:
+            return None
+    return None
 
 
 def _denoiser_folder(folder: Path, subfolder: str | None) -> Path:
@@ -133,7 +180,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         scheduler = _diffusers_class(cfg.scheduler, "scheduler").from_config(cfg.scheduler_config)
     elif (sched_dir / "scheduler_config.json").is_file():
         sched_config = json.loads((sched_dir / "scheduler_config.json").read_text())
-        scheduler = _diffusers_class(sched_config["_class_name"], "scheduler").from_pretrained(sched_dir)
+        name = sched_config["_class_name"]
+        import diffusers
+
+        if not hasattr(diffusers, name) and "FlowMatch" in name:
+            # an export's stepdistill flow scheduler (pipelines.schedulers): its noise schedule is the stock one's
+            name = "FlowMatchEulerDiscreteScheduler"
+        scheduler = _diffusers_class(name, "scheduler").from_pretrained(sched_dir)
     else:
         raise ModelLoadError(f"no scheduler found next to {model_dir}: add scheduler/scheduler_config.json or "
                              "set model.scheduler and model.scheduler_config")
@@ -168,7 +221,7 @@ def prompt_encoder_for(cfg: ModelConfig, resolution: int | None = None):
     ``resolution`` is the (latent) training resolution; SDXL's ``time_ids`` get the pixel size, ``resolution``
     times the VAE's scale factor. The text encoders run in ``cfg.dtype``, like the teacher.
     """
-    folder = teacher_folder(cfg)
+    folder = pipeline_folder(teacher_folder(cfg))
     index = _index(folder)
     if not any(isinstance(index.get(n), list) and index[n][0] is not None
                for n in TEXT_COMPONENTS if n.startswith("text_encoder")):
@@ -204,7 +257,7 @@ def text_null_cond(cfg: ModelConfig, cache_dir=None, resolution: int | None = No
 
 def load_vae(cfg: ModelConfig):
     """The VAE of the teacher's pipeline folder (``vae/``), or None when it has none (pixel-space teachers)."""
-    folder = teacher_folder(cfg)
+    folder = pipeline_folder(teacher_folder(cfg))
     if folder is None or not (folder / "vae" / "config.json").is_file():
         return None
     config = json.loads((folder / "vae" / "config.json").read_text())

@@ -16,8 +16,12 @@ What is generated
   resumed run with the same batch size gives exactly the bytes of an uninterrupted one.
 - Images are the raw ODE solution in the teacher's space (pixels in about [-1, 1], or latents), not clipped.
 - Timesteps: those the teacher's scheduler gives for ``nfe`` steps — ``DDIMScheduler.from_config(teacher
-  scheduler config)`` for VP teachers (as ``eval``/``bench`` sample the teacher), the teacher's own
-  ``FlowMatchEulerDiscreteScheduler`` (its shift) for flow teachers.
+  scheduler config)`` for VP teachers (as ``eval``/``bench`` sample the teacher); for flow models (a flow teacher,
+  a reflow run, an exported flow student) the uniform Euler grid ``sigma = 1, 1 - 1/K, ..., 1/K`` handed to their
+  own flow scheduler (its shift applies), as ``eval`` samples them: the ODE the next reflow round straightens.
+- The source may be a teacher folder, a training run folder (its ``final/`` model: the next reflow round's pairs
+  from a student run) or an exported pipeline; a run's prompts are encoded by the text encoders of the pipeline it
+  started from (:func:`stepdistill.models.pipeline_folder`).
 - ``nfe`` means **steps**, i.e. the number of timesteps (what ``num_inference_steps`` means in a pipeline and
   what the teacher's NFE means in ``bench`` for DDIM). DDIM and Euler evaluate the teacher once per step (the
   last step returns its x0 prediction); Heun twice per step except the last step and except a step starting at
@@ -40,10 +44,12 @@ folder in use fails at once (:class:`~stepdistill.locks.FolderInUse`).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -55,7 +61,7 @@ from .data import DataError, PromptRecord, read_prompts, sample_seed
 from .data.pairs import (FORMAT, LABEL_MODES, MANIFEST, PROMPT_EMBEDDINGS, SETTINGS_KEYS, SHARD_PATTERN, TMP_PATTERN,
                          VERSION, read_manifest, settings_key, sha256_json, shard_name)
 from .locks import hold_folder
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, pipeline_folder
 from .prompts import PromptEncoder
 from .solvers import SOLVERS, sample, scheduler_timesteps
 
@@ -95,11 +101,15 @@ def teacher_scheduler(scheduler):
 
 
 def pair_timesteps(scheduler, nfe: int) -> list[float]:
-    """The timesteps of ``nfe`` steps of :func:`teacher_scheduler` (``scheduler`` is the teacher's own)."""
+    """The timesteps of ``nfe`` steps of :func:`teacher_scheduler` (``scheduler`` is the teacher's own); a flow
+    scheduler is handed the uniform Euler grid ``linspace(1, 1/nfe, nfe)`` of sigmas (its shift applies)."""
     sched = teacher_scheduler(scheduler)
     if sched.config.get("use_dynamic_shifting"):
         raise DataError("the teacher's flow scheduler uses dynamic shifting (its timesteps depend on the image "
                         "size); give the teacher a scheduler config with use_dynamic_shifting=false and a fixed shift")
+    if "FlowMatch" in type(sched).__name__ and "sigmas" in inspect.signature(sched.set_timesteps).parameters:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / nfe, nfe))
+        return [float(t) for t in sched.timesteps]
     return scheduler_timesteps(sched, nfe)
 
 
@@ -234,10 +244,10 @@ def _write_pairs(model, out_dir: Path, n, solver, nfe, guidance_scale, batch_siz
     if prompts is not None:
         prompt_list = _prompt_list(prompts)
         if prompt_encoder is None:
-            folder = loaded.folder
-            if folder is None or not (Path(folder) / "model_index.json").is_file():
-                raise DataError("prompts need a text encoder: give a teacher pipeline folder (model_index.json) "
-                                "or pass prompt_encoder=PromptEncoder(...)")
+            folder = pipeline_folder(Path(loaded.folder)) if loaded.folder is not None else None
+            if folder is None:
+                raise DataError("prompts need a text encoder: give a teacher pipeline folder (model_index.json), a "
+                                "run of one or an export, or pass prompt_encoder=PromptEncoder(...)")
             prompt_encoder = PromptEncoder.from_pretrained(folder, device=device)
         prompt_cond = prompt_encoder.encode(prompt_list).to("cpu")
         if guidance_scale != 1 and denoiser.null_cond is None:
@@ -381,7 +391,9 @@ def _short(value) -> str:
 def add_cli(sub) -> None:
     p = sub.add_parser("make-pairs", help="generate teacher (noise, image) pairs into sharded safetensors (resumable)")
     p.add_argument("--teacher", default="digits-teacher",
-                   help="'digits-teacher', a teacher folder (unet/ + scheduler/) or a Hub id in the local cache")
+                   help="'digits-teacher', a teacher folder (unet/ + scheduler/), a training run folder (its final/ "
+                        "model: the next reflow round from a student run), an exported pipeline, or a Hub id in the "
+                        "local cache")
     p.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
     p.add_argument("--n", type=int, default=1024, help="number of pairs")
     p.add_argument("--solver", choices=("ddim", "euler", "heun", "dpmpp_2m"), default="ddim",

@@ -186,7 +186,7 @@ class NoiseSchedule:
         ``uniform``: over [t_min, t_max] (integers for VP; for flow, shifted like the scheduler's grid).
         ``logit_normal``: sigma = sigmoid(N(mean, std)) (SD3), flow only, shifted.
         ``lognormal``: EDM noise level ``sigma_edm = exp(N(mean, std))`` mapped to t (e.g. mean=-1.1, std=2.0).
-        ``u_shaped``: density ~ exp(a u) + exp(-a u) on u in [0,1] (rfpp's U-shaped t, a=4).
+        ``u_shaped``: density ~ exp(a u) + exp(a (1 - u)) on u in [0,1] (rfpp's U-shaped t, a=4), to [t_min, t_max].
         ``discrete``: uniform over the timesteps in ``grid``.
         """
         t_max = self.t_max if t_max is None else t_max

@@ -56,6 +56,28 @@ def _pairs(raw, tmp, teacher):
     raw["data"] = {"dataset": "pairs", "path": str(tmp / "pairs"), "resolution": 8, "channels": 1}
 
 
+def flow_teacher(folder):
+    """The tiny class-conditional teacher as a flow-matching model (FlowMatchEulerDiscreteScheduler, shift 1), as a
+    Diffusers folder: what the rectified-flow methods straighten."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.models import save_model
+    from stepdistill.schedule import NoiseSchedule
+
+    torch.manual_seed(0)
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    denoiser = Denoiser(UNet2DModel(**TINY_UNET), NoiseSchedule.from_scheduler(sched), "flow")
+    return save_model(denoiser, sched, folder, {"num_classes": 10, "resolution": 8, "channels": 1})
+
+
+def _flow_pairs(raw, tmp, teacher):
+    """Pairs of the tiny flow teacher, which becomes the run's model (the rectified-flow methods)."""
+    flow = flow_teacher(tmp / "flow_teacher")
+    raw["model"] = {"source": str(flow)}
+    _pairs(raw, tmp, flow)
+
+
 def _source_images(raw, tmp, teacher):
     raw["model"] = {"source": str(sr_teacher(tmp / "sr_teacher"))}
     raw["data"]["source_resolution"] = 4
@@ -86,6 +108,11 @@ SETUPS = {
     "scott": (None, {"num_ddim_timesteps": 50, "student_steps": 1}),
     "lcm_lora": (None, {"num_ddim_timesteps": 50, "student_steps": 1, "lora_rank": 4}),
     "tscd": (None, {"num_ddim_timesteps": 40, "student_steps": 1}),
+    "reflow": (_flow_pairs, {}),
+    "rf_distill": (_flow_pairs, {}),
+    "instaflow": (_pairs, {}),  # the VP teacher's pairs: its weights become the flow student (InstaFlow's 2-RF)
+    "slimflow": (_flow_pairs, {"student_config": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+                               "warmup_N": 2}),
     "swiftbrush": (_image_free, {}),
     "snoopi": (_image_free, {}),
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..cache import load_tensor_cache, module_fingerprint, save_tensor_cache, tensor_digest
-from ..models import load_vae, prompt_encoder_for, teacher_folder, vae_scale_factor
+from ..models import load_vae, pipeline_folder, prompt_encoder_for, teacher_folder, vae_scale_factor
 from .captions import SPEC as CAPTION_PROMPTS, captioned_digits, parse_spec
 from .images import DataError, TensorImages, load_image
 
@@ -209,7 +209,7 @@ def prompt_dataset(cfg, model_cfg, cache_dir: str | Path | None = None) -> "Prom
     if any(r.image is not None for r in records):
         vae = load_vae(model_cfg)
         if vae is not None:
-            resolution = cfg.resolution * vae_scale_factor(teacher_folder(model_cfg))
+            resolution = cfg.resolution * vae_scale_factor(pipeline_folder(teacher_folder(model_cfg)))
             channels = int(_config_value(vae.config, "in_channels") or 3)
     data = PromptDataset(records, encoder, cache_dir, resolution=resolution, channels=channels)
     if vae is not None:

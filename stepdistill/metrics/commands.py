@@ -189,7 +189,7 @@ def _summary(results: dict) -> str:
 
 
 def _extra_summary(r: dict) -> str:
-    """CLIP score, prompt accuracy and diversity of a row, where present."""
+    """CLIP score, prompt accuracy, diversity and (flow models) straightness of a row, where present."""
     out = ""
     if r.get("clip_score") is not None:
         out += f"  CLIP {r['clip_score']:.4g}"
@@ -200,6 +200,8 @@ def _extra_summary(r: dict) -> str:
     if r.get("diversity") is not None:
         real = f" (real {r['diversity_real']:.3g})" if r.get("diversity_real") is not None else ""
         out += f"  diversity {r['diversity']:.3g}{real}"
+    if r.get("straightness") is not None:
+        out += f"  straightness {r['straightness']:.3g}"
     return out
 
 

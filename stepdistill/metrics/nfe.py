@@ -8,8 +8,9 @@ written as ``results.json``, ``nfe_vs_fid.png`` and a sample grid per model and 
                  "results": [{"nfe", "fid", "kid_mean", "kid_std", "seconds_per_image", "n",
                               "diversity", "diversity_real",                      # every model (sample_metrics)
                               "clip_score", "clip_score_std",                     # text-to-image, with --clip
-                              "prompt_accuracy", "digit_accuracy", "attribute_accuracy"}, ...]}, ...]}
+                              "prompt_accuracy", "digit_accuracy", "attribute_accuracy",
                                                                                   # text, prompts that parse
+                              "straightness"}, ...]}, ...]}                       # flow models, NFE >= 2
 
 Precision/recall, IS and the KID subset size of each point go to ``details.json`` (same shape, more keys). The
 protocol has a section per extra metric (``diversity``; ``prompts``, ``prompt_accuracy``, ``clip_score``), see
@@ -35,12 +36,14 @@ from ..data import grid_columns, save_grid
 from .fid import FidelityEvaluator, METRICS
 from .sample_metrics import ROW_KEYS, SECTIONS, ExtraMetrics, ModelMetrics
 from .samplers import EvalModel, to_uint8_unit
+from .straightness import PROTOCOL as STRAIGHTNESS_PROTOCOL, STRAIGHTNESS_N, model_straightness
 
 
 DEFAULT_TEACHER_NFE = (1, 2, 4, 8, 16, 32, 64)
-RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", *ROW_KEYS, "reused")
+RESULT_KEYS = ("nfe", "fid", "kid_mean", "kid_std", "psnr", "ssim", "seconds_per_image", "n", *ROW_KEYS, "straightness",
+               "reused")
 LOGGED = ("fid", "kid_mean", "kid_std", "psnr", "ssim", "clip_score", "prompt_accuracy", "digit_accuracy", "diversity",
-          "diversity_real", "precision", "recall", "seconds_per_image")
+          "diversity_real", "straightness", "precision", "recall", "seconds_per_image")
 GRID_COUNT = 100
 NOISE_RULE = ("sample i draws all its noise from torch.Generator().manual_seed((seed * 0x9E3779B1 + i) mod 2**32), the "
               "same for every model and NFE")
@@ -117,11 +120,13 @@ def evaluate_point(model: EvalModel, nfe: int, evaluator: FidelityEvaluator, set
         timed_seconds, timed_images = time.perf_counter() - t0, len(idx)
     features = acc.result()
     scores = evaluator.score(features)
+    straight = model_straightness(model, nfe, settings.seed, min(n, STRAIGHTNESS_N), bs)  # flow models only
     if grid_path is not None and grid:
         save_grid(torch.cat(grid) * 2 - 1, grid_path, nrow=grid_columns(model.num_classes),
                   scale=max(1, 64 // evaluator.resolution))
     return {"nfe": int(nfe), **scores, **(fidelity.result() if fidelity is not None else {}),
             **(point.result() if point is not None else {}), "seconds_per_image": timed_seconds / timed_images,
+            **({"straightness": straight} if straight is not None else {}),
             "n": features.n, "timed_images": timed_images}
 
 
@@ -245,6 +250,7 @@ def build_protocol(evaluator: FidelityEvaluator, settings: BenchSettings, models
                     "device": str(settings.device), "torch_threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
         "models": {m.name: {**m.describe(), "nfe": list(nfes)} for m, nfes in models},
+        "straightness": STRAIGHTNESS_PROTOCOL,
         "wall_seconds": round(seconds, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "stepdistill": __version__,

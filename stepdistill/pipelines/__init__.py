@@ -16,6 +16,7 @@ _EXPORTS = {
     "MultiStudentTextPipeline": "multi_student_text",
     "MultiStudentUNet2DConditionModel": "multi_student_text",
     "StudentLCMScheduler": "schedulers",
+    "FlowMatchEulerUniformScheduler": "schedulers",
     "Recipe": "recipes",
     "RECIPES": "recipes",
     "ExportError": "recipes",

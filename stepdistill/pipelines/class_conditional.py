@@ -1,6 +1,10 @@
 """A pipeline for class-conditional pixel-space ``UNet2DModel`` teachers and students (the digits ones),
 which no stock Diffusers pipeline covers. Sampling is the scheduler's own loop, so a student exported with
-the scheduler it was trained for runs its trained steps with the default arguments."""
+the scheduler it was trained for runs its trained steps with the default arguments.
+
+Flow-matching models (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchLCMScheduler``) run on the uniform Euler
+grid ``sigma = 1, 1 - 1/K, ..., 1/K`` (then 0), handed to the scheduler as ``sigmas`` as ``FluxPipeline`` does (the
+scheduler's own ``shift`` still applies): K Euler steps of a rectified flow, at any K."""
 from __future__ import annotations
 
 import json
@@ -15,6 +19,15 @@ from ._shim import only_stepdistill_shims
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # as Diffusers' save_lora_weights
+
+
+def uniform_flow_grid(scheduler) -> bool:
+    """Whether this pipeline hands ``scheduler`` the uniform sigma grid: a flow-matching scheduler that takes
+    ``sigmas`` and does not make its own (``use_flow_sigmas``)."""
+    import inspect
+
+    return ("FlowMatch" in type(scheduler).__name__ and not scheduler.config.get("use_flow_sigmas")
+            and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters)
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -156,8 +169,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if labels is not None:
             labels = labels.to(device)
         step_kwargs = self._step_kwargs(generator, eta)
+        scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(x, t)
+            model_in = scale_input(x, t) if scale_input is not None else x
             if scale != 1:
                 both = torch.cat([labels, torch.full_like(labels, self.config.null_class)])
                 out = self.unet(torch.cat([model_in, model_in]), t, class_labels=both).sample
@@ -180,9 +194,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
                                                               dtype=self.unet.dtype)
         if timesteps is not None:
             self._set_explicit_timesteps([int(t) for t in timesteps], device)
+        elif uniform_flow_grid(self.scheduler):
+            import numpy as np
+
+            self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), device=device)
         else:
             self.scheduler.set_timesteps(steps, device=device)
-        return x * self.scheduler.init_noise_sigma
+        return x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers: 1 (none recorded)
 
     def _output(self, x: torch.Tensor, output_type: str, return_dict: bool):
         """Samples in [-1, 1] -> images in [0, 1] as ``pt``, ``np`` or ``pil``."""

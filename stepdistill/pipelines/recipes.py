@@ -11,7 +11,10 @@ recipe             scheduler (on the teacher's noise schedule)     typical stude
 ``lcm_uniform``    LCMScheduler, ``original_inference_steps=K``    DMD2 (4 steps: 999, 749, 499, 249)
 ``tcd``            TCDScheduler on the ``lcm`` grid, gamma = eta    TCD, LCM and Hyper-SD students
 ``flow_euler``     FlowMatchEulerDiscreteScheduler, fixed shift     rectified flow, SD3 / Flux students
-                   (K >= 2: ``shift_terminal = 1/K``)
+                   (K >= 2: ``shift_terminal = 1/K``; under
+                   ClassConditionalPipeline the uniform sigma grid,
+                   under Stable Diffusion UNet pipelines
+                   FlowMatchEulerUniformScheduler)
 ``flow_lcm``       FlowMatchLCMScheduler, same grid as flow_euler   DMD2 on flow models (x0, then fresh noise)
 =================  ==============================================  =========================================
 
@@ -45,6 +48,11 @@ SAMPLERS = ("ddim", "lcm", "tcd", "flow_euler", "flow_lcm")
 FLOW_SAMPLERS = ("flow_euler", "flow_lcm")
 SCHEDULER_CLASS = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "tcd": "TCDScheduler",
                    "flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_lcm": "FlowMatchLCMScheduler"}
+#: stock UNet text-to-image pipelines: a flow (rectified-flow) UNet runs in them with FlowMatchEulerUniformScheduler
+UNET_TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+#: pipelines whose flow sampling is the uniform Euler grid linspace(1, 1/K, K) at every K (their own, or their
+#: scheduler's): flow_euler exports to them without shift_terminal
+UNIFORM_GRID_PIPELINES = ("ClassConditionalPipeline", *UNET_TEXT_PIPELINES)
 TCD_GAMMA = 0.3  # TCD's default gamma (TCDScheduler.step's eta)
 # what every exported VP scheduler fixes: the student's output is used as is (no clipping / thresholding)
 _VP_FIXED = {"clip_sample": False, "thresholding": False, "set_alpha_to_one": True}
@@ -149,9 +157,21 @@ class Recipe:
                                   "scheduler_config (shift, shift_terminal) and check it with student_timesteps")
             import diffusers
 
-            cls = getattr(diffusers, SCHEDULER_CLASS[self.sampler])
+            name = _pipeline_name(pipeline)
+            cls_name = SCHEDULER_CLASS[self.sampler]
+            if name in UNET_TEXT_PIPELINES:  # they need init_noise_sigma and scale_model_input: our Euler scheduler
+                if self.sampler != "flow_euler":
+                    raise ExportError(f"{name} runs a flow UNet only with the flow_euler recipe (stepdistill's "
+                                      f"FlowMatchEulerUniformScheduler), not {self.name!r}")
+                cls_name = "FlowMatchEulerUniformScheduler"
+            from . import schedulers
+
+            cls = getattr(schedulers, cls_name, None) or getattr(diffusers, cls_name)
             shift = _static_shift(config)
-            preset = RECIPES[self.name][1](self.num_inference_steps) if self.name in RECIPES else {}
+            # pipelines that run the uniform grid at any K themselves need no shift_terminal (which would bend it
+            # at step counts other than the trained one)
+            preset = (RECIPES[self.name][1](self.num_inference_steps)
+                      if self.name in RECIPES and name not in UNIFORM_GRID_PIPELINES else {})
             cfg = {"num_train_timesteps": config.get("num_train_timesteps", 1000), "shift": shift,
                    "use_dynamic_shifting": False, **preset, **self.scheduler_config}
             if cfg.get("use_dynamic_shifting"):

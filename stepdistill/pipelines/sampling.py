@@ -35,8 +35,13 @@ import torch
 
 from ..solvers import lcm_boundary_scalings as lcm_scalings, step_rule
 
-#: pipelines that pass their own sigma grid (``linspace(1, 1/K, K)``) to a flow scheduler
-SIGMA_GRID_PIPELINES = ("FluxPipeline",)
+#: pipelines that pass their own sigma grid (``linspace(1, 1/K, K)``: K uniform Euler steps) to a flow scheduler
+SIGMA_GRID_PIPELINES = ("FluxPipeline", "ClassConditionalPipeline")
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """A flow-matching scheduler (``FlowMatch*`` or a subclass of one)."""
+    return any("FlowMatch" in c.__name__ for c in type(scheduler).__mro__)
 
 
 def _name(obj) -> str | None:
@@ -74,7 +79,8 @@ def student_timesteps(scheduler, num_steps: int, pipeline=None) -> list[float]:
 
     This is the one definition of a K-step student's timesteps: train at these, export with this scheduler, and
     the pipeline runs what was trained with nothing passed by hand. ``pipeline`` (class or name) matters only for
-    pipelines that hand the scheduler their own sigma grid (``FluxPipeline``: ``linspace(1, 1/K, K)``).
+    pipelines that hand a flow scheduler their own sigma grid (``FluxPipeline``, ``ClassConditionalPipeline``:
+    ``linspace(1, 1/K, K)``).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, not {num_steps}")
@@ -83,7 +89,7 @@ def student_timesteps(scheduler, num_steps: int, pipeline=None) -> list[float]:
     if config.get("use_dynamic_shifting"):
         raise ValueError("this flow scheduler uses dynamic shifting (use_dynamic_shifting=True), so its timesteps "
                          "depend on the image size; export students with a fixed shift (use_dynamic_shifting=False)")
-    if _name(pipeline) in SIGMA_GRID_PIPELINES and not config.get("use_flow_sigmas"):
+    if _name(pipeline) in SIGMA_GRID_PIPELINES and is_flow_scheduler(sched) and not config.get("use_flow_sigmas"):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
     else:
         sched.set_timesteps(num_steps)

@@ -1,4 +1,6 @@
-"""A scheduler for students whose trained timesteps no stock scheduler config produces.
+"""Schedulers for students that no stock scheduler config runs: :class:`StudentLCMScheduler` (trained timesteps no
+stock config produces) and :class:`FlowMatchEulerUniformScheduler` (a rectified-flow UNet in a stock Stable Diffusion
+pipeline).
 
 Almost every distilled model ships with a stock scheduler (see :mod:`stepdistill.pipelines.recipes`). A few
 paper recipes pick timesteps that no stock config yields by default — for example a multi-step student at
@@ -13,7 +15,7 @@ A folder that uses it needs stepdistill installed: it loads with
 from __future__ import annotations
 
 import torch
-from diffusers import LCMScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 from diffusers.configuration_utils import register_to_config
 
 
@@ -55,3 +57,32 @@ class StudentLCMScheduler(LCMScheduler):
         self.timesteps = torch.tensor(trained, dtype=torch.long, device=device)
         self._step_index = None
         self._begin_index = None
+
+
+class FlowMatchEulerUniformScheduler(FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` that a stock ``StableDiffusionPipeline`` (or SDXL's) can run, for UNets
+    trained as rectified flows (InstaFlow's 2-RF of SD 1.5 and its one-step student).
+
+    Those pipelines read ``scheduler.init_noise_sigma`` and call ``scheduler.scale_model_input``, which the stock
+    flow schedulers lack; here they are 1 and the identity (flow sampling starts from unit noise and feeds it to the
+    network as is). ``set_timesteps(K)`` runs the uniform Euler grid ``sigma = 1, 1 - 1/K, ..., 1/K`` (then 0),
+    InstaFlow's ``RectifiedFlowPipeline`` timesteps ``(1 - i/K) * 1000``, under the config's ``shift`` (1 for a
+    rectified flow); explicit ``sigmas`` or ``timesteps`` fall through to the parent. Each step is the parent's
+    Euler step ``x' = x + (sigma' - sigma) u`` on the velocity ``u = eps - x0``.
+
+    A folder that uses it needs stepdistill installed (``trust_remote_code=True`` through a one-line
+    ``scheduler/scheduler.py`` shim, as :class:`StudentLCMScheduler`).
+    """
+
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None,
+                      timesteps=None) -> None:
+        if sigmas is None and timesteps is None and num_inference_steps is not None:
+            import numpy as np
+
+            sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+        return super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)

@@ -5,13 +5,15 @@ from .base import Objective, Phase
 from .callbacks import Callback, PeriodicEval, SampleGrid
 from .engine import DistillTrainer, NonFiniteLoss
 from .registry import (METHODS, ACDTrainer, ConsistencyTrainer, DecoupledDMDTrainer, DisBackTrainer, DMD2Trainer,
-                       DMDTrainer, FDistillTrainer, ICTTrainer, LCMLoRATrainer, LCMTrainer, MSDTrainer, NamedTrainer,
-                       RegressionTrainer, SCottTrainer, SNOOPITrainer, SwiftBrushTrainer, TeacherTrainer, TSCDTrainer,
+                       DMDTrainer, FDistillTrainer, ICTTrainer, InstaFlowTrainer, LCMLoRATrainer, LCMTrainer,
+                       MSDTrainer, NamedTrainer, RectifiedFlowDistillTrainer, ReflowTrainer, RegressionTrainer,
+                       SCottTrainer, SlimFlowTrainer, SNOOPITrainer, SwiftBrushTrainer, TeacherTrainer, TSCDTrainer,
                        VSDTrainer, build_trainer, discover, get_method, load_config, register, resolve)
 
 __all__ = ["ACDTrainer", "Callback", "ConsistencyTrainer", "DMD2Trainer", "DMDTrainer", "DecoupledDMDTrainer",
-           "DisBackTrainer", "DistillTrainer", "FDistillTrainer", "ICTTrainer", "LCMLoRATrainer", "LCMTrainer",
-           "METHODS", "MSDTrainer", "NamedTrainer", "NonFiniteLoss", "Objective", "PeriodicEval", "Phase",
-           "RegressionTrainer", "SCottTrainer", "SNOOPITrainer", "SampleGrid", "SwiftBrushTrainer", "TSCDTrainer",
+           "DisBackTrainer", "DistillTrainer", "FDistillTrainer", "ICTTrainer", "InstaFlowTrainer", "LCMLoRATrainer",
+           "LCMTrainer", "METHODS", "MSDTrainer", "NamedTrainer", "NonFiniteLoss", "Objective", "PeriodicEval", "Phase",
+           "RectifiedFlowDistillTrainer", "ReflowTrainer", "RegressionTrainer", "SCottTrainer", "SNOOPITrainer",
+           "SampleGrid", "SlimFlowTrainer", "SwiftBrushTrainer", "TSCDTrainer",
            "TeacherTrainer", "VSDTrainer", "build_trainer", "discover", "get_method", "load_config", "register",
            "resolve"]

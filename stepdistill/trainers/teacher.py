@@ -14,6 +14,7 @@ from ..config import ConfigError
 from ..denoiser import Denoiser
 from ..models import LoadedModel, check_resolution, load_model, save_model, text_null_cond
 from ..pipelines.recipes import get_recipe
+from ..pipelines.sampling import sample_student
 from ..pipelines.spec import ExportSpec
 from ..solvers import sample as solve, scheduler_timesteps
 from .base import Objective, Phase, source_channels
@@ -25,7 +26,7 @@ from .registry import register
 class DenoisingConfig:
     label_dropout: float = 0.1  # probability of the null class, or of the empty prompt (caption dropout), for CFG
     t_dist: Literal["uniform", "logit_normal", "lognormal"] = "uniform"
-    sample_steps: int = 50  # DDIM steps for sample grids
+    sample_steps: int = 50  # sampler steps for sample grids and the export: DDIM (VP), Euler (flow)
     sample_guidance: float = 1.0
 
     def validate(self):
@@ -130,24 +131,35 @@ class DenoisingObjective(Objective):
             cond = (given[:n] if given.encoder_hidden_states is not None else self.null_cond.repeat(n)).to(device)
         noise = torch.randn(n, self.channels, self.resolution, self.resolution, generator=generator).to(device)
         steps = steps or self.config.sample_steps
+        s = self.config.sample_guidance if guidance_scale is None else guidance_scale
+        guided = labels is not None or self.null_cond is not None
+        if self.schedule.kind == "flow":  # Euler on the velocity, exactly as the exported pipeline steps
+            spec = self.export_spec(steps)
+            return sample_student(model, spec.scheduler, noise, steps, cond, guidance_scale=s if guided else None,
+                                  pipeline=spec.pipeline_name).clamp(-1, 1)
         from diffusers import DDIMScheduler
 
         ddim = DDIMScheduler.from_config(self.scheduler.config)
-        s = self.config.sample_guidance if guidance_scale is None else guidance_scale
-        guided = labels is not None or self.null_cond is not None
         fn = lambda x, t: model(x, t, cond, guidance_scale=s if guided else None)  # noqa: E731
         return solve(fn, self.schedule, noise, scheduler_timesteps(ddim, steps)).clamp(-1, 1)
 
     def save_pretrained(self, directory):
         save_model(self.model, self.scheduler, directory, self.meta)
 
-    def export_spec(self):
-        """A teacher exports as DDIM at its ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
+    def export_spec(self, steps: int | None = None):
+        """A teacher exports as DDIM (VP) or Euler on its flow schedule (``flow_euler``: a flow teacher's
+        FlowMatchEulerDiscreteScheduler, K uniform Euler steps under ClassConditionalPipeline) at its
+        ``sample_steps`` and ``sample_guidance`` — what :meth:`sample` runs."""
         from diffusers import DDIMScheduler
 
+        steps = steps or self.config.sample_steps
         guidance = self.config.sample_guidance if self.num_classes or self.null_cond is not None else 1.0
-        recipe = get_recipe("ddim", self.config.sample_steps, guidance)
-        trained = scheduler_timesteps(DDIMScheduler.from_config(self.scheduler.config), self.config.sample_steps)
+        if self.schedule.kind == "flow":
+            recipe = get_recipe("flow_euler", steps, guidance)
+            trained = None  # the pipeline's own grid (checked by export)
+        else:
+            recipe = get_recipe("ddim", steps, guidance)
+            trained = scheduler_timesteps(DDIMScheduler.from_config(self.scheduler.config), steps)
         return ExportSpec(student=self.model, recipe=recipe, base_scheduler=self.scheduler, method="teacher",
                           base_model=str(self.source_folder) if self.source_folder else None,
                           base_folder=self.source_folder, num_classes=self.num_classes, timesteps=trained,
