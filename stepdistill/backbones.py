@@ -44,8 +44,21 @@ def _first_channels(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else out
 
 
+def _guidance_input(model, x, cond: Cond) -> dict:
+    """``timestep_cond`` for a backbone that takes the guidance scale (``config.time_cond_proj_dim``: LCM-style
+    UNets, stepdistill's GuidedUNet2DModel, AGD guidance adapters): LCM's embedding of ``w = s - 1``, as Diffusers'
+    pipelines compute it from their ``guidance_scale``."""
+    dim = unwrap(model).config.get("time_cond_proj_dim")
+    if not dim:
+        return {}
+    if cond.guidance is None:
+        raise ValueError("this backbone takes the guidance scale (time_cond_proj_dim); pass Cond(guidance=scale)")
+    return {"timestep_cond": guidance_scale_embedding(cond.guidance - 1, dim, x.dtype)}
+
+
 def unet2d(model, x, t, cond: Cond):
-    return model(_with_source(x, cond), t, class_labels=cond.class_labels, return_dict=False)[0]
+    return model(_with_source(x, cond), t, class_labels=cond.class_labels, return_dict=False,
+                 **_guidance_input(model, x, cond))[0]
 
 
 def unet2d_condition(model, x, t, cond: Cond):
@@ -53,11 +66,7 @@ def unet2d_condition(model, x, t, cond: Cond):
     blocks = [*config.down_block_types, *config.up_block_types, config.get("mid_block_type") or ""]
     if any("CrossAttn" in b for b in blocks):
         _require(cond, "a cross-attention UNet2DConditionModel", "encoder_hidden_states")
-    kwargs = {}
-    if config.get("time_cond_proj_dim"):
-        if cond.guidance is None:
-            raise ValueError("this UNet has a guidance embedding (time_cond_proj_dim); pass Cond(guidance=scale)")
-        kwargs["timestep_cond"] = guidance_scale_embedding(cond.guidance - 1, config.time_cond_proj_dim, x.dtype)
+    kwargs = _guidance_input(model, x, cond)
     if config.get("addition_embed_type") == "text_time":
         if cond.pooled is None or cond.time_ids is None:
             raise ValueError("an SDXL-style UNet needs Cond(pooled=..., time_ids=...) (added_cond_kwargs)")
@@ -69,14 +78,16 @@ def unet2d_condition(model, x, t, cond: Cond):
 
 def dit(model, x, t, cond: Cond):
     _require(cond, "DiTTransformer2DModel", "class_labels")
-    return _first_channels(model(x, timestep=t, class_labels=cond.class_labels, return_dict=False)[0], x)
+    return _first_channels(model(x, timestep=t, class_labels=cond.class_labels, return_dict=False,
+                                 **_guidance_input(model, x, cond))[0], x)
 
 
 def pixart(model, x, t, cond: Cond):
     _require(cond, "PixArtTransformer2DModel", "encoder_hidden_states")
     added = {"resolution": cond.extra.get("resolution"), "aspect_ratio": cond.extra.get("aspect_ratio")}
     out = model(x, encoder_hidden_states=cond.encoder_hidden_states, timestep=t, added_cond_kwargs=added,
-                encoder_attention_mask=cond.encoder_attention_mask, return_dict=False)[0]
+                encoder_attention_mask=cond.encoder_attention_mask, return_dict=False,
+                **_guidance_input(model, x, cond))[0]
     return _first_channels(out, x)
 
 
@@ -116,8 +127,13 @@ ADAPTERS = {
 }
 
 
+#: stepdistill's own backbone classes and the family whose call adapter, pipelines and LoRA targets they share
+FAMILY_OF = {"GuidedUNet2DModel": "UNet2DModel"}
+
+
 def family(model: torch.nn.Module) -> str:
     name = type(unwrap(model)).__name__
+    name = FAMILY_OF.get(name, name)
     if name not in ADAPTERS:
         raise TypeError(f"unsupported backbone {name}; stepdistill supports {sorted(ADAPTERS)}")
     return name

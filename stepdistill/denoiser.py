@@ -130,6 +130,62 @@ class Denoiser(torch.nn.Module):
             p.requires_grad_(trainable and (not lora or "lora_" in name))
         return other.eval()
 
+    def guidance_embedded(self, dim: int, *, share_weights: bool = False, guidance_range=None) -> "Denoiser":
+        """A Denoiser that takes the guidance scale as an input (``Cond(guidance=s)``), holding this one's weights and
+        starting as it at every scale (the new embedding is zeroed):
+
+        - a backbone that has one (``time_cond_proj_dim``, Flux ``guidance_embeds``): a copy;
+        - UNet2DConditionModel: ``time_cond_proj_dim = dim`` (LCM's ``timestep_cond``, the embedding of w = s - 1 that
+          StableDiffusion(XL)Pipeline and LatentConsistencyModelPipeline pass from their ``guidance_scale``);
+        - UNet2DModel: :class:`~stepdistill.guided.GuidedUNet2DModel` (the same ``cond_proj`` on its time embedding;
+          ClassConditionalPipeline passes it), recording ``guidance_range``;
+        - FluxTransformer2DModel: ``guidance_embeds=True`` (FluxPipeline passes ``guidance = s``).
+
+        Other backbones (DiT, PixArt, SD3): a ValueError (AGD's guidance adapters work on DiT and PixArt).
+        ``share_weights``: this denoiser's own tensors (no copy; LoRA-enhanced distillation's one copy of the base),
+        only the new embedding trainable; otherwise a trainable copy."""
+        from .guided import GuidedUNet2DModel
+
+        base = backbones.unwrap(self.backbone)
+        fam = self.family
+        if base.config.get("time_cond_proj_dim") or base.config.get("guidance_embeds"):
+            return self.clone(trainable=not share_weights, share_weights=share_weights)
+        if fam == "UNet2DConditionModel":
+            cls, extra = type(base), {"time_cond_proj_dim": dim}
+        elif fam == "UNet2DModel":
+            cls, extra = GuidedUNet2DModel, {"time_cond_proj_dim": dim, "guidance_range": guidance_range}
+        elif fam == "FluxTransformer2DModel":
+            cls, extra = type(base), {"guidance_embeds": True}
+        else:
+            raise ValueError(f"a {fam} has no guidance-embedding input (UNet2DConditionModel, UNet2DModel and Flux "
+                             "have one); distil its guidance with method agd (guidance adapters) instead")
+        config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+        backbone = cls.from_config({**config, **extra})
+        dtype = next(base.parameters()).dtype
+        backbone = backbone.to(dtype) if dtype != torch.float32 else backbone
+        own = dict(base.state_dict())
+        missing = set(own) - set(backbone.state_dict())
+        if missing:
+            raise ValueError(f"the guidance-embedded {cls.__name__} lacks the weights {sorted(missing)[:3]}")
+        if share_weights:
+            for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
+                parent, _, attr = name.rpartition(".")
+                module = backbone.get_submodule(parent) if parent else backbone
+                (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
+        else:
+            backbone.load_state_dict(own, strict=False)
+        embedder = (backbone.time_text_embed.guidance_embedder.linear_2 if fam == "FluxTransformer2DModel"
+                    else backbone.time_embedding.cond_proj)
+        new = [p for n, p in backbone.named_parameters() if n not in own]
+        with torch.no_grad():
+            for p in embedder.parameters():
+                p.zero_()
+        backbone.requires_grad_(not share_weights)
+        for p in new:
+            p.requires_grad_(True)
+        return Denoiser(backbone, self.schedule, self.prediction_type, null_cond=self.null_cond,
+                        null_class=self.null_class).eval()
+
     def freeze(self) -> "Denoiser":
         self.requires_grad_(False)
         self.eval()

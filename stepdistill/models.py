@@ -14,6 +14,7 @@ import yaml
 from .backbones import unwrap
 from .config import ModelConfig
 from .denoiser import Denoiser
+from .guided import ADAPTER_FILE, load_guidance_adapters, model_class
 from .prompts import PromptEncoder, TEXT_COMPONENTS, prompt_family
 from .schedule import NoiseSchedule
 
@@ -143,7 +144,7 @@ def _denoiser_folder(folder: Path, subfolder: str | None) -> Path:
 def _diffusers_class(name: str, what: str):
     import diffusers
 
-    cls = getattr(diffusers, name, None)
+    cls = getattr(diffusers, name, None) or model_class(name)
     if cls is None:
         raise ModelLoadError(f"{what} class {name!r} is not in diffusers {diffusers.__version__}")
     return cls
@@ -191,6 +192,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         raise ModelLoadError(f"no scheduler found next to {model_dir}: add scheduler/scheduler_config.json or "
                              "set model.scheduler and model.scheduler_config")
     meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+    adapters = next((p for p in (model_dir / ADAPTER_FILE, folder / ADAPTER_FILE) if p.is_file()), None)
+    if adapters is not None:  # an AGD student: the base plus its guidance adapters
+        load_guidance_adapters(backbone, adapters)
     return LoadedModel(_make_denoiser(backbone, scheduler, cfg, meta), scheduler, folder, meta)
 
 

@@ -182,6 +182,9 @@ def run_cli(args) -> int:
     lora = info.get("lora") or {}
     if lora.get("format") in ("diffusers", "both"):
         how += "; then pipe.load_lora_weights(out) (this folder holds the base weights and the LoRA)"
+    if info.get("guidance_adapters"):
+        how += ("; then stepdistill.pipelines.load_guidance_adapters(pipe, out) (this folder holds the base weights and "
+                "the AGD guidance adapters)")
     at = f" at {info['timesteps']}" if info.get("timesteps") else ""
     print(f"exported {info['pipeline']} ({info['scheduler']}, {info['num_inference_steps']} step(s){at}) to {out}\n"
           f"load: {how}; generate: pipe(..., {kw}); see {out / 'README.md'}")

@@ -113,6 +113,11 @@ SETUPS = {
     "instaflow": (_pairs, {}),  # the VP teacher's pairs: its weights become the flow student (InstaFlow's 2-RF)
     "slimflow": (_flow_pairs, {"student_config": {"block_out_channels": [8, 16], "norm_num_groups": 4},
                                "warmup_N": 2}),
+    "guidance": (None, {"guidance_embedding_dim": 8, "sample_steps": 2}),
+    "diversity_guidance": (None, {"guidance_embedding_dim": 8, "sample_steps": 2, "groups": 2, "group_size": 2}),
+    "progressive": (None, {"teacher_steps": 4}),
+    "agd": (None, {"hidden_dim": 8, "embed_dim": 8, "num_trajectories": 4, "trajectory_steps": 2, "sample_steps": 2}),
+    "hipa": (_pairs, {"generator_lora_rank": 2}),
     "swiftbrush": (_image_free, {}),
     "snoopi": (_image_free, {}),
 }

@@ -82,6 +82,9 @@ for line in sys.stdin:
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=info["trust_remote_code"])
     if (info.get("lora") or {}).get("format") in ("diffusers", "both"):
         pipe.load_lora_weights(folder)
+    if info.get("guidance_adapters"):  # AGD: the documented call that puts the adapters on the base
+        from stepdistill.pipelines import load_guidance_adapters
+        load_guidance_adapters(pipe, folder)
     pipe.set_progress_bar_config(disable=True)
     given = load_file(inputs)
     kwargs = dict(info["call"]["kwargs"], batch_size=int(given["batch_size"]))

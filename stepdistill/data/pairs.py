@@ -32,8 +32,10 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
+def read_manifest(out_dir: Path, name: str = MANIFEST, fmt: str = FORMAT) -> dict | None:
+    """The manifest ``name`` of a sharded cache folder (make-pairs', or another cache of that kind such as AGD's
+    trajectories, ``fmt``); None when there is none."""
+    path = out_dir / name
     if not path.is_file():
         return None
     try:
@@ -41,8 +43,8 @@ def read_manifest(out_dir: Path) -> dict | None:
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is not readable JSON ({exc}); delete the folder {out_dir} (or use another --out) "
                         "and make the pairs again") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path} is not a stepdistill pairs manifest; use another --out")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise DataError(f"{path} is not a {fmt} manifest; use another folder")
     return manifest
 
 

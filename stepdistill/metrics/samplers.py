@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import unwrap
+from ..backbones import family, unwrap
 from ..cache import module_fingerprint
 from ..config import ModelConfig
 from ..data import digits_tensors, low_resolution, sample_seed
+from ..guided import load_guidance_adapters
 from ..models import ModelLoadError, NAMED_MODELS, load_model
 from ..pipelines import ClassConditionalPipeline, ImageConditionedPipeline
 from ..pipelines._shim import only_stepdistill_shims
@@ -240,7 +241,7 @@ def load_eval_model(source: str, kind: str | None = None, name: str | None = Non
 def _load_teacher_folder(folder, source, kind, name, device, guidance) -> EvalModel:
     loaded = load_model(ModelConfig(source=str(folder)))
     backbone = unwrap(loaded.denoiser.backbone)
-    if type(backbone).__name__ != "UNet2DModel":
+    if family(backbone) != "UNet2DModel":
         raise ModelLoadError(f"{folder} holds a {type(backbone).__name__}; evaluate latent or text-to-image "
                              "teachers as a Diffusers pipeline folder (model_index.json)")
     if backbone.config.in_channels != backbone.config.out_channels:
@@ -283,6 +284,8 @@ def _load_pipeline(folder, source, kind, name, device, guidance, trust_remote_co
     lora = (meta.get("export") or {}).get("lora") or {}
     if lora.get("weight_name"):  # a LoRA student: the base weights plus its LoRA file, as its model card loads it
         pipe.load_lora_weights(folder, weight_name=lora["weight_name"])
+    if (meta.get("export") or {}).get("guidance_adapters"):  # AGD: the base plus its guidance adapters
+        load_guidance_adapters(pipe, folder)
     sampler = f"the pipeline's own ({type(pipe.scheduler).__name__})"
     if kind == "teacher":
         pipe.scheduler, sampler = _teacher_scheduler(pipe.scheduler)

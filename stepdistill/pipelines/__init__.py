@@ -9,6 +9,11 @@ import importlib
 
 _EXPORTS = {
     "ClassConditionalPipeline": "class_conditional",
+    "GuidedUNet2DModel": "class_conditional",
+    "load_guidance_adapters": "class_conditional",
+    "save_guidance_adapters": "class_conditional",
+    "interpolate_weights": "weights",
+    "load_interpolated": "weights",
     "ImageConditionedPipeline": "image_conditioned",
     "MultiStudentPipeline": "multi_student",
     "MultiStudentUNet": "multi_student",

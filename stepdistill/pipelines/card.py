@@ -41,6 +41,9 @@ def call_code(info: dict, path: str = "PATH/TO/THIS/FOLDER") -> str:
     lora = info.get("lora")
     if lora and lora["format"] in ("diffusers", "both"):
         lines.append(f"pipe.load_lora_weights({path!r})  # LoRA student on its base model (optional: pipe.fuse_lora())")
+    if info.get("guidance_adapters"):
+        lines.insert(1, "from stepdistill.pipelines import load_guidance_adapters")
+        lines.append(f"load_guidance_adapters(pipe, {path!r})  # AGD: the guidance adapters onto the base model")
     call = info["call"]
     args = []
     if call["input"] == "prompt":
@@ -115,6 +118,11 @@ def render(info: dict, meta: dict) -> str:
                  "fused": "fused into the weights in this folder",
                  "both": "`pytorch_lora_weights.safetensors` here on the base weights, and fused in `fused/`"}
         rows.append(("LoRA", f"rank {lora['rank']}, alpha {lora['alpha']}: {where[lora['format']]}"))
+    adapters = info.get("guidance_adapters")
+    if adapters:
+        rows.append(("guidance adapters", f"`{adapters['file']}` (AGD): {adapters['adapter_parameters']:,} trainable "
+                     f"parameters, {100 * adapters['fraction']:.2f}% of the base's {adapters['base_parameters']:,}; "
+                     "they load onto this base or any fine-tune of the same architecture"))
     table = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     what = (f"{steps}-step DDIM sampling of a teacher" if method == "teacher" else
             f"a {steps}-step student" if method == "unknown" else f"a {steps}-step {method} student")
@@ -122,6 +130,10 @@ def render(info: dict, meta: dict) -> str:
     body = [title, "", f"Exported by stepdistill {meta.get('stepdistill_version', '')}. "
             "Generating with the call below runs exactly the timesteps and guidance the student was trained for.",
             "", *table, "", "## Use", "", "```python", call_code(info), "```", ""]
+    if adapters:
+        body += ["**This folder holds the base weights plus the guidance adapters**: without "
+                 "`load_guidance_adapters(pipe, ...)` it is the base model (classifier-free guidance, two network "
+                 "calls per step); with them its `guidance_scale` drives the adapters in one call per step.", ""]
     if lora and lora["format"] in ("diffusers", "both"):
         body += ["**This folder holds the base weights plus the LoRA**: without `pipe.load_lora_weights(...)` it "
                  "generates with the base model, not the student.", ""]

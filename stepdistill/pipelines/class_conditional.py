@@ -14,6 +14,9 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..backbones import guidance_scale_embedding
+from ..guided import (GuidedUNet2DModel, guidance_range_of, load_guidance_adapters,  # noqa: F401  (re-exported)
+                      save_guidance_adapters)
 from ._shim import only_stepdistill_shims
 
 
@@ -36,7 +39,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
     ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the values saved with the pipeline (the
     steps and guidance a student was trained for; ``eta`` is TCDScheduler's gamma, passed to ``scheduler.step``
     when set, as Diffusers' pipelines pass theirs). CFG is the standard ``uncond + s * (cond - uncond)`` with the
-    null class ``null_class`` (= number of classes); ``s = 1`` is one network call per step.
+    null class ``null_class`` (= number of classes); ``s = 1`` is one network call per step. A UNet that takes the
+    guidance scale (``config.time_cond_proj_dim``: a guidance-distilled :class:`~stepdistill.guided.GuidedUNet2DModel`,
+    or a UNet with AGD guidance adapters) gets ``timestep_cond``, the embedding of ``w = s - 1``, instead: one network
+    call per step at any ``s``; a scale outside the range it was trained for gives a warning (it extrapolates).
 
     LoRA students: :meth:`save_lora_weights` / :meth:`load_lora_weights` use the Diffusers file layout
     (``pytorch_lora_weights.safetensors``, keys ``unet.<peft key>``, the LoRA config in the safetensors metadata
@@ -162,9 +168,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
             labels = None
         if labels is None and self.unet.config.get("num_class_embeds"):
             raise ValueError("this model is class-conditional: pass class_labels=[...]")
-        if scale != 1 and self.config.null_class is None:
+        embed_dim = self.unet.config.get("time_cond_proj_dim")
+        if scale != 1 and self.config.null_class is None and not embed_dim:
             raise ValueError("guidance_scale != 1 needs a null class; this pipeline has none")
         device = self._execution_device
+        timestep_cond = self._guidance_embedding(scale, batch_size, embed_dim, device) if embed_dim else None
         x = self._start(batch_size, self.unet.config.in_channels, steps, timesteps, generator, latents)
         if labels is not None:
             labels = labels.to(device)
@@ -172,7 +180,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         scale_input = getattr(self.scheduler, "scale_model_input", None)  # flow schedulers have none
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = scale_input(x, t) if scale_input is not None else x
-            if scale != 1:
+            if timestep_cond is not None:  # the scale is an input of the network: one call
+                out = self.unet(model_in, t, class_labels=labels, timestep_cond=timestep_cond).sample
+            elif scale != 1:
                 both = torch.cat([labels, torch.full_like(labels, self.config.null_class)])
                 out = self.unet(torch.cat([model_in, model_in]), t, class_labels=both).sample
                 cond, uncond = out.chunk(2)
@@ -181,6 +191,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 out = self.unet(model_in, t, class_labels=labels).sample
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
         return self._output(x, output_type, return_dict)
+
+    def _guidance_embedding(self, scale: float, batch_size: int, dim: int, device) -> torch.Tensor:
+        """``timestep_cond`` for a UNet that takes the guidance scale: the embedding of ``w = s - 1`` (as
+        StableDiffusionPipeline computes it; :func:`stepdistill.backbones.guidance_scale_embedding`)."""
+        import warnings
+
+        trained = guidance_range_of(self.unet)
+        if trained is not None and not trained[0] - 1e-6 <= scale <= trained[1] + 1e-6:
+            warnings.warn(f"guidance_scale={scale} is outside the range {list(trained)} this model was trained for: "
+                          "it extrapolates its guidance input (ask for a scale in the range)", UserWarning,
+                          stacklevel=3)
+        w = torch.full((batch_size,), float(scale)) - 1
+        return guidance_scale_embedding(w, dim).to(device=device, dtype=self.unet.dtype)
 
     def _size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size

@@ -42,6 +42,8 @@ import torch
 
 from .. import backbones
 from ..denoiser import Denoiser
+from ..guided import (ADAPTER_FILE, MODEL_CLASSES, adapter_fraction, base_config, guidance_range_of,
+                      has_guidance_adapters, save_guidance_adapters)
 from ._shim import write_shim
 from .card import META_FILE, export_info, write_meta
 from .recipes import ExportError, Recipe, get_recipe
@@ -56,6 +58,9 @@ LORA_FORMATS = ("diffusers", "fused", "both")
 LORA_PREFIX = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
                "LatentConsistencyModelPipeline": "unet", "StableDiffusion3Pipeline": "transformer",
                "FluxPipeline": "transformer", "ClassConditionalPipeline": "unet", "ImageConditionedPipeline": "unet"}
+#: pipelines that pass their guidance_scale to a guidance-taking denoiser (``time_cond_proj_dim``) and skip CFG
+ADAPTER_GUIDED_PIPELINES = ("ClassConditionalPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                            "LatentConsistencyModelPipeline")
 #: text and VAE components each pipeline needs to generate (the rest may be None)
 REQUIRED = {
     "DDPMPipeline": (), "ClassConditionalPipeline": (), "ImageConditionedPipeline": (), "DiTPipeline": ("vae",),
@@ -159,9 +164,12 @@ def publish_folder(tmp: Path, out_dir: Path) -> None:
 
 
 def _assemble(pipeline: str, scheduler, components: dict, linked: dict, base_index: dict, denoiser_name: str,
-              backbone, state: dict, folder: Path, variants, extra_init: dict) -> None:
-    """Write one pipeline folder: in-memory components via save_pretrained, the denoiser from ``state``, linked
-    components from the base folder, and a model_index.json that names them all."""
+              backbone, state: dict, folder: Path, variants, extra_init: dict,
+              denoiser_config: dict | None = None) -> None:
+    """Write one pipeline folder: in-memory components via save_pretrained, the denoiser from ``state`` (with
+    ``denoiser_config`` instead of its own, if given), linked components from the base folder, and a model_index.json
+    that names them all. A denoiser of stepdistill's own class (GuidedUNet2DModel) is named through a one-line
+    shim, as the pipeline and scheduler classes are."""
     cls = pipeline_class(pipeline)
     expected, optional = cls._get_signature_keys(cls)
     kwargs = {name: None for name in expected}
@@ -178,9 +186,12 @@ def _assemble(pipeline: str, scheduler, components: dict, linked: dict, base_ind
                 if isinstance(module, torch.nn.Module) and name in expected:
                     copy.deepcopy(module).to(dtype).save_pretrained(folder / name, variant=variant,
                                                                     safe_serialization=True)
-    write_model(backbone, state, folder / denoiser_name, variants)
+    write_model(backbone, state, folder / denoiser_name, variants, denoiser_config)
     index = json.loads((folder / "model_index.json").read_text())
     index[denoiser_name] = ["diffusers", type(backbone).__name__]
+    if type(backbone).__name__ in MODEL_CLASSES:
+        index[denoiser_name] = [denoiser_name, type(backbone).__name__]
+        write_shim(folder / denoiser_name / f"{denoiser_name}.py", type(backbone).__name__)
     for name, src in linked.items():
         _link_tree(src, folder / name)
         index[name] = base_index[name]
@@ -283,7 +294,9 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     if recipe.eta is not None and "eta" not in inspect.signature(pipeline_class(pipe_name).__call__).parameters:
         raise ExportError(f"recipe {recipe.name!r} samples with eta={recipe.eta} (TCD's gamma), but {pipe_name}'s call "
                           "takes no eta: export with the lcm recipe, or to a pipeline that passes eta to its scheduler")
-    mode, scale = guidance_plan(student, recipe, pipe_name)
+    mode, scale = guidance_plan(student, recipe, pipe_name, (spec.meta or {}).get("guidance_range"))
+    adapters = has_guidance_adapters(backbone)  # AGD: the base's weights here, its adapters in a file of their own
+    denoiser_config = base_config(backbone) if adapters else None
 
     # LoRA
     is_lora = bool(student.lora_layers())
@@ -315,9 +328,17 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
     tmp = prepare_folder(out_dir, overwrite)
     try:
         main_state = plain_state_dict(backbone, merge=is_lora and lora_format == "fused")
-        check_keys(backbone, main_state)
+        if adapters:
+            main_state = {k: v for k, v in main_state.items() if ".guidance_adapter." not in k}
+        check_keys(backbone, main_state, denoiser_config)
         _assemble(pipe_name, scheduler, components, linked, base_index, denoiser_name, backbone, main_state, tmp,
-                  variants, extra_init)
+                  variants, extra_init, denoiser_config)
+        if adapters:
+            # pipelines that pass no guidance input (DiTPipeline) run the adapters at the recorded scale
+            default = scale if pipe_name not in ADAPTER_GUIDED_PIPELINES else None
+            save_guidance_adapters(backbone, tmp / ADAPTER_FILE, guidance_range=(spec.meta or {}).get(
+                "guidance_range") or guidance_range_of(backbone), default_guidance_scale=default)
+            extra = {**(extra or {}), **({"guidance_scale": 1.0} if default is not None else {})}
         lora_info = None
         if is_lora:
             lora_info = {"format": lora_format, "rank": int(lora_config.r), "alpha": float(lora_config.lora_alpha),
@@ -334,8 +355,11 @@ def export_pipeline(student, recipe: Recipe | str | None = None, out_dir=None, *
             if lora_format == "both":
                 fused = plain_state_dict(backbone, merge=True)
                 _assemble(pipe_name, scheduler, components, linked, base_index, denoiser_name, backbone, fused,
-                          tmp / "fused", variants, extra_init)
+                          tmp / "fused", variants, extra_init, denoiser_config)
         info = export_info(spec, pipe_name, scheduler, ts, mode, scale, lora_info, variants, backbone, name, extra)
+        if adapters:
+            info["guidance_adapters"] = {"file": ADAPTER_FILE, **adapter_fraction(backbone),
+                                         "load": "stepdistill.pipelines.load_guidance_adapters(pipe, PATH)"}
         write_meta(tmp, spec, info)
         if lora_format == "both" and is_lora:
             fused_info = {**info, "lora": {**lora_info, "format": "fused", "weight_name": None, "fused_folder": None}}
@@ -359,12 +383,14 @@ def _resolve_spec(student, recipe, *, steps, guidance_scale, **fields) -> Export
             setattr(spec, key, value)
     if isinstance(recipe, str):
         recipe = get_recipe(recipe, steps or 1, guidance_scale)
-    elif recipe is not None and (steps is not None or guidance_scale is not None):
-        recipe = copy.copy(recipe)
-        if steps is not None:
-            recipe.num_inference_steps = int(steps)
-        if guidance_scale is not None:
-            recipe.guidance_scale = float(guidance_scale)
+    else:
+        recipe = recipe if recipe is not None else spec.recipe  # an ExportSpec's own, with steps / guidance given
+        if recipe is not None and (steps is not None or guidance_scale is not None):
+            recipe = copy.copy(recipe)
+            if steps is not None:
+                recipe.num_inference_steps = int(steps)
+            if guidance_scale is not None:
+                recipe.guidance_scale = float(guidance_scale)
     spec.recipe = recipe or spec.recipe
     if spec.recipe is None:
         raise ExportError("export needs a recipe (e.g. get_recipe('lcm_uniform', steps=4)); see "

@@ -17,6 +17,7 @@ import torch
 
 from .. import backbones
 from ..denoiser import Denoiser
+from ..guided import guidance_range_of
 from .recipes import ExportError, Recipe, as_loaded
 from .sampling import student_timesteps
 
@@ -143,8 +144,24 @@ def pipeline_for(student: Denoiser, base_class: str | None = None, override: str
     return override
 
 
-def guidance_plan(student: Denoiser, recipe: Recipe, pipeline: str) -> tuple[str, float]:
-    """(mode, guidance_scale): ``embedded`` (fed to a guidance embedding), ``cfg`` (CFG at that scale) or ``none``."""
+def one_call_pipeline(student: Denoiser) -> str | None:
+    """The stock pipeline an SD-style UNet that takes the guidance scale (``time_cond_proj_dim``) exports to with a
+    scheduler of its own: StableDiffusionPipeline (it passes its ``guidance_scale`` as ``timestep_cond`` and skips
+    CFG), not the default LatentConsistencyModelPipeline (LCMScheduler sampling); other backbones: None (the
+    default, e.g. ClassConditionalPipeline or StableDiffusionXLPipeline, which do the same)."""
+    config = backbones.unwrap(student.backbone).config
+    if student.family == "UNet2DConditionModel" and config.get("addition_embed_type") != "text_time":
+        return "StableDiffusionPipeline"
+    return None
+
+
+def guidance_plan(student: Denoiser, recipe: Recipe, pipeline: str,
+                  trained_range: list[float] | None = None) -> tuple[str, float]:
+    """(mode, guidance_scale): ``embedded`` (fed to a guidance embedding), ``cfg`` (CFG at that scale) or ``none``.
+
+    A guidance-embedded student is exported only at a scale inside ``trained_range`` (the scales it was trained for;
+    default: what its backbone records): outside it the export is refused (an ExportError naming the range), since
+    the student would extrapolate; ClassConditionalPipeline warns when called outside it."""
     config = backbones.unwrap(student.backbone).config
     embedded = bool(config.get("time_cond_proj_dim")) or bool(config.get("guidance_embeds"))
     s = recipe.guidance_scale
@@ -152,6 +169,11 @@ def guidance_plan(student: Denoiser, recipe: Recipe, pipeline: str) -> tuple[str
         if s is None:
             raise ExportError("this student has a guidance embedding (time_cond_proj_dim / guidance_embeds): give "
                               "the recipe the guidance_scale it was trained for (the value fed to the embedding)")
+        trained_range = trained_range if trained_range is not None else guidance_range_of(student.backbone)
+        if trained_range is not None and not trained_range[0] - 1e-6 <= float(s) <= trained_range[1] + 1e-6:
+            raise ExportError(f"guidance_scale {float(s):g} is outside the range {list(trained_range)} the student "
+                              "was trained for (its guidance input would extrapolate): export with a guidance_scale "
+                              "in that range, or train with a guidance_range that covers it")
         return "embedded", float(s)
     s = 1.0 if s is None else float(s)
     if s < 1:

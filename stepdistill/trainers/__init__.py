@@ -4,13 +4,15 @@ from __future__ import annotations
 from .base import Objective, Phase
 from .callbacks import Callback, PeriodicEval, SampleGrid
 from .engine import DistillTrainer, NonFiniteLoss
-from .registry import (METHODS, ACDTrainer, ConsistencyTrainer, DecoupledDMDTrainer, DisBackTrainer, DMD2Trainer,
-                       DMDTrainer, FDistillTrainer, ICTTrainer, InstaFlowTrainer, LCMLoRATrainer, LCMTrainer,
-                       MSDTrainer, NamedTrainer, RectifiedFlowDistillTrainer, ReflowTrainer, RegressionTrainer,
+from .registry import (METHODS, ACDTrainer, AGDTrainer, CFGAdapterTrainer, ConsistencyTrainer, DecoupledDMDTrainer,
+                       DisBackTrainer, DiversityGuidanceTrainer, DMD2Trainer, DMDTrainer, FDistillTrainer,
+                       GuidanceDistillTrainer, HiPATrainer, ICTTrainer, InstaFlowTrainer, LCMLoRATrainer, LCMTrainer,
+                       LoRADistillTrainer, MSDTrainer, NamedTrainer, ProgressiveDistillTrainer, RectifiedFlowDistillTrainer, ReflowTrainer, RegressionTrainer,
                        SCottTrainer, SlimFlowTrainer, SNOOPITrainer, SwiftBrushTrainer, TeacherTrainer, TSCDTrainer,
                        VSDTrainer, build_trainer, discover, get_method, load_config, register, resolve)
 
-__all__ = ["ACDTrainer", "Callback", "ConsistencyTrainer", "DMD2Trainer", "DMDTrainer", "DecoupledDMDTrainer",
+__all__ = ["ACDTrainer", "AGDTrainer", "CFGAdapterTrainer", "DiversityGuidanceTrainer", "GuidanceDistillTrainer",
+           "HiPATrainer", "LoRADistillTrainer", "ProgressiveDistillTrainer", "Callback", "ConsistencyTrainer", "DMD2Trainer", "DMDTrainer", "DecoupledDMDTrainer",
            "DisBackTrainer", "DistillTrainer", "FDistillTrainer", "ICTTrainer", "InstaFlowTrainer", "LCMLoRATrainer",
            "LCMTrainer", "METHODS", "MSDTrainer", "NamedTrainer", "NonFiniteLoss", "Objective", "PeriodicEval", "Phase",
            "RectifiedFlowDistillTrainer", "ReflowTrainer", "RegressionTrainer", "SCottTrainer", "SNOOPITrainer",

@@ -166,6 +166,35 @@ def new_student(teacher: Denoiser, overrides: dict, key: str) -> Denoiser:
     return student.requires_grad_(True).eval()
 
 
+def add_guidance_embedding(teacher: Denoiser, dim: int, key: str = "objective.guidance_embedding_dim", *,
+                           share_weights: bool = False, guidance_range=None) -> Denoiser:
+    """:meth:`Denoiser.guidance_embedded` (a network holding the teacher's weights that takes the guidance scale as an
+    input, starting as the teacher), its errors as ConfigErrors naming ``key``."""
+    try:
+        return teacher.guidance_embedded(dim, share_weights=share_weights, guidance_range=guidance_range)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def memory_footprint(*modules: torch.nn.Module) -> dict[str, int]:
+    """Bytes of model state held by ``modules`` together, each tensor counted once however many modules share it:
+    ``weights`` (parameters and buffers), ``trainable`` (parameters with requires_grad), and ``training`` (weights +
+    a gradient and AdamW's two moments per trainable parameter). A LoRA student on the teacher's own weights adds only
+    its adapters; a full student copy doubles ``weights``."""
+    seen, weights, trainable = set(), 0, 0
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            key = (t.device.type, t.data_ptr()) if t.device.type != "meta" else id(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            size = t.numel() * t.element_size()
+            weights += size
+            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                trainable += size
+    return {"weights": weights, "trainable": trainable, "training": weights + 3 * trainable}
+
+
 def teacher_fingerprint(teacher: Denoiser) -> str:
     """What pairs, run folders and recorded paths name their teacher by: the sha256 of its backbone's class, config
     and weights (``stepdistill.cache.module_fingerprint``), taken as it is loaded."""

@@ -12,7 +12,8 @@ implementation: Diffusers' ``examples/consistency_distillation/train_lcm_distill
 Guidance: the teacher runs CFG in the standard form ``u + s (c - u)`` (LCM writes ``c + w (c - u)``, w = s - 1).
 With ``guidance_range`` the scale is drawn per sample and given to the student through its guidance embedding
 (``time_cond_proj_dim``: LCM's embedding of w = s - 1, as ``LatentConsistencyModelPipeline`` feeds it); a
-UNet2DConditionModel without one gets it added (LCM: 256 dimensions, zero-initialised projection). Without a range the
+UNet2DConditionModel without one gets it added (LCM: 256 dimensions, zero-initialised projection), a UNet2DModel
+becomes a GuidedUNet2DModel (:func:`~stepdistill.trainers.common.add_guidance_embedding`). Without a range the
 teacher's guidance is fixed and baked into the student.
 
 Adversarial term (``adv_weight`` > 0; SCott's optional one, and adversarial consistency distillation, ``acd``):
@@ -37,8 +38,8 @@ from ..pipelines.spec import ExportSpec
 from ..solvers import ScheduleLevels, ddim_from_x0, lcm_grid, solver_step, step_rule
 from ..solvers import lcm_boundary_scalings as boundary_scalings
 from .base import Objective, Phase, source_channels
-from .common import (PatchDiscriminator, ema_update, gan_discriminator_loss, gan_generator_loss, init_generator,
-                     new_student, pseudo_huber, teacher_fingerprint, trainable_copy)
+from .common import (PatchDiscriminator, add_guidance_embedding, ema_update, gan_discriminator_loss,  # noqa: F401
+                     gan_generator_loss, init_generator, pseudo_huber, teacher_fingerprint, trainable_copy)
 from .registry import register
 
 
@@ -127,26 +128,6 @@ class ConsistencyConfig:
             raise ConfigError(f"objective.tcd_gamma is TCD's gamma and must be in [0, 1], not {self.tcd_gamma}")
         if self.adv_weight < 0 or self.disc_width < 1 or self.disc_downsamplings < 1:
             raise ConfigError("objective.adv_weight must be >= 0, disc_width and disc_downsamplings >= 1")
-
-
-def add_guidance_embedding(teacher: Denoiser, dim: int) -> Denoiser:
-    """A trainable copy of the teacher with a guidance embedding: its own if it has one; otherwise (UNet2DCondition-
-    Model) a new UNet with ``time_cond_proj_dim = dim`` holding the teacher's weights, the new projection zeroed
-    so that the student starts as the teacher. Other backbones: a ConfigError."""
-    base = unwrap(teacher.backbone)
-    if base.config.get("time_cond_proj_dim"):
-        return teacher.clone(trainable=True)
-    if type(base).__name__ != "UNet2DConditionModel":
-        raise ConfigError(f"objective.guidance_range needs a guidance embedding, and a {type(base).__name__} has none "
-                          "(only UNet2DConditionModel takes time_cond_proj_dim); distil at a fixed "
-                          "objective.guidance_scale instead")
-    student = new_student(teacher, {"time_cond_proj_dim": dim}, "objective.guidance_embedding_dim")
-    missing, unexpected = student.backbone.load_state_dict(base.state_dict(), strict=False)
-    if unexpected or any("cond_proj" not in k for k in missing):
-        raise ConfigError(f"could not carry the teacher's weights into the guidance-embedded student: missing "
-                          f"{missing[:3]}, unexpected {unexpected[:3]}")
-    torch.nn.init.zeros_(student.backbone.time_embedding.cond_proj.weight)
-    return student
 
 
 # ------------------------------------------------------------------------------------------------ objective

@@ -111,3 +111,29 @@ ReflowTrainer = _named("ReflowTrainer", "reflow")
 RectifiedFlowDistillTrainer = _named("RectifiedFlowDistillTrainer", "rf_distill")
 InstaFlowTrainer = _named("InstaFlowTrainer", "instaflow")
 SlimFlowTrainer = _named("SlimFlowTrainer", "slimflow")
+GuidanceDistillTrainer = _named("GuidanceDistillTrainer", "guidance")
+DiversityGuidanceTrainer = _named("DiversityGuidanceTrainer", "diversity_guidance")
+ProgressiveDistillTrainer = _named("ProgressiveDistillTrainer", "progressive")
+AGDTrainer = _named("AGDTrainer", "agd")
+CFGAdapterTrainer = AGDTrainer  # adapter guidance distillation under the design's generic name
+HiPATrainer = _named("HiPATrainer", "hipa")
+
+#: the objective settings that make a method's student LoRA on the teacher's own weights
+LORA_STUDENT_KEYS = ("student_lora_rank", "lora_rank", "generator_lora_rank")
+
+
+class LoRADistillTrainer(NamedTrainer):
+    """LoRA-enhanced distillation (Golnari 2023): a recipe whose student is LoRA on the frozen teacher, whose teacher
+    is the same network with the adapters off — one copy of the base weights in memory (about half a full student
+    copy's). Any method with a LoRA student: ``guidance`` with ``objective.student_lora_rank`` (e.g.
+    configs/lora_guidance_digits.yaml), ``lcm_lora``, the DMD family / regression / ``hipa`` with
+    ``generator_lora_rank``; a recipe without one is refused."""
+
+    def __init__(self, run: RunConfig, callbacks=()):
+        ranks = {k: getattr(run.objective, k, 0) or 0 for k in LORA_STUDENT_KEYS if hasattr(run.objective, k)}
+        if not any(ranks.values()):
+            raise ConfigError(f"LoRADistillTrainer trains a LoRA student on the teacher's own weights, and this "
+                              f"{run.method!r} recipe has none: set objective.{next(iter(ranks), 'student_lora_rank')}"
+                              f" > 0 (or use method guidance with objective.student_lora_rank)")
+        self.trainer = build_trainer(run, callbacks)
+        self.objective = self.trainer.objective
