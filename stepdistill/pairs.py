@@ -191,6 +191,18 @@ def _write_shard(path: Path, tensors: dict, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
+def add_shard(path: Path, tensors: dict, key: str, plan: list[tuple[int, int]], k: int, done: dict, manifest: dict,
+              manifest_path: Path) -> None:
+    """Write shard ``k`` of ``plan`` atomically, record it (with its sha256) in ``done`` and in ``manifest``, and
+    rewrite the manifest: what a resumed run trusts (make-pairs, AGD's trajectories)."""
+    start, count = plan[k]
+    _write_shard(path, tensors, {"settings_key": key, "start": str(start), "count": str(count)})
+    done[k] = {"file": path.name, "start": start, "count": count, "sha256": file_sha256(path)}
+    manifest["shards"] = [done[j] for j in sorted(done)]
+    manifest["complete"] = len(done) == len(plan)
+    _write_json(manifest_path, manifest)
+
+
 def make_pairs(model, out_dir, n: int, *, solver: str = "ddim", nfe: int = 25, guidance_scale: float = 1.0,
                batch_size: int = 256, shard_size: int = 1024, seed: int = 0, labels: str = "balanced",
                prompts=None, prompt_encoder=None, device=None, progress: bool = True) -> Path:
@@ -365,12 +377,7 @@ def _write_pairs(model, out_dir: Path, n, solver, nfe, guidance_scale, batch_siz
                        "index": torch.tensor(idx_all, dtype=torch.int64)}
             if conds_all:
                 tensors["prompt_index" if prompt_cond is not None else "class_labels"] = torch.cat(conds_all)
-            path = out_dir / shard_name(k)
-            _write_shard(path, tensors, {"settings_key": key, "start": str(start), "count": str(count)})
-            done[k] = {"file": path.name, "start": start, "count": count, "sha256": file_sha256(path)}
-            manifest["shards"] = [done[j] for j in sorted(done)]
-            manifest["complete"] = len(done) == len(plan)
-            _write_json(out_dir / MANIFEST, manifest)
+            add_shard(out_dir / shard_name(k), tensors, key, plan, k, done, manifest, out_dir / MANIFEST)
     finally:
         bar.close()
     if not manifest["complete"]:  # every shard was already there

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .cache import file_sha256
 from .conditioning import Cond
 from .data import DataError
 from .data.pairs import LABEL_MODES, PROMPT_EMBEDDINGS, read_manifest, sha256_json
 from .locks import hold_folder
-from .pairs import _plan, _shard_metadata, _write_json, _write_shard, pair_timesteps, sample_generator
+from .pairs import _plan, _shard_metadata, _write_json, add_shard, pair_timesteps, sample_generator
 from .solvers import ddim_from_x0
 
 MANIFEST = "trajectories.json"
@@ -151,12 +150,7 @@ def _write(teacher, scheduler, out_dir, n, steps, guidance_range, resolution, ch
             tensors = {name: torch.cat(v) for name, v in rows.items() if v and name != "cond"}
             if rows["cond"]:
                 tensors["prompt_index" if prompt_cond is not None else "class_labels"] = torch.cat(rows["cond"])
-            path = out_dir / SHARD.format(k)
-            _write_shard(path, tensors, {"settings_key": key, "start": str(start), "count": str(count)})
-            done[k] = {"file": path.name, "start": start, "count": count, "sha256": file_sha256(path)}
-            manifest["shards"] = [done[j] for j in sorted(done)]
-            manifest["complete"] = len(done) == len(plan)
-            _write_json(out_dir / MANIFEST, manifest)
+            add_shard(out_dir / SHARD.format(k), tensors, key, plan, k, done, manifest, out_dir / MANIFEST)
     finally:
         bar.close()
     manifest["complete"] = True
